@@ -1,0 +1,269 @@
+"""Configuration: merged once (CLI > environment > TOML file > defaults), validated into
+frozen dataclasses before any hardware is touched.
+
+Environment overrides are ``TAPGATE_<SECTION>__<KEY>``, e.g. ``TAPGATE_GATE__FARE=300``;
+the value is parsed as a TOML value when it can be, else taken as a string.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import ConfigError
+
+CARD_TYPES = {"adult": 0x01, "concession": 0x02, "staff": 0x03}
+ENV_PREFIX = "TAPGATE_"
+Raw = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    terminal_id: bytes
+    fares: Mapping[int, int]  # card type -> fare in minor units
+    anti_passback_s: float = 300.0
+    recovery_window_s: float = 86400.0
+    removal_wait_s: float = 10.0  # how long to wait for a card to leave before the next tap
+
+    def fare_for(self, card_type: int) -> int | None:
+        return self.fares.get(card_type)
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderConfig:
+    backend: str = "sim"
+    name: str = "*"  # exact PC/SC reader name or a glob pattern
+    poll_s: float = 0.25  # how often a lost service or reader is looked for again
+    sim_cards: int = 8  # the built-in simulator's demo: cards in circulation
+    sim_interval_s: float = 1.0  # seconds between demo taps (0: no demo taps)
+    sim_tear_rate: float = 0.1  # share of demo taps torn mid-debit
+    sim_tac_key: bytes = bytes.fromhex("101112131415161718191A1B1C1D1E1F")
+
+
+@dataclass(frozen=True, slots=True)
+class SamConfig:
+    backend: str = "software"
+    purchase_key: bytes | None = field(default=None, repr=False)
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalConfig:
+    path: Path = Path("var/journal.db")
+
+
+@dataclass(frozen=True, slots=True)
+class GateIOConfig:
+    backend: str = "sim"
+    open_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    gate: GateConfig
+    reader: ReaderConfig
+    sam: SamConfig
+    journal: JournalConfig
+    gateio: GateIOConfig
+    log: LogConfig
+    source: Path | None = None
+
+
+# --- parsing helpers ---------------------------------------------------------------------
+class _Section:
+    """Reads typed keys from one TOML table and refuses keys nobody asked for."""
+
+    def __init__(self, name: str, table: Mapping[str, Any]) -> None:
+        self.name = name
+        self.table = dict(table)
+        self.seen: set[str] = set()
+
+    def _get(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.table.get(key)
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def string(self, key: str, default: str) -> str:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(key), value, "must be a non-empty string")
+        return value
+
+    def number(self, key: str, default: float, *, low: float, high: float) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(self.key(key), value, "must be a number")
+        if not low <= value <= high:
+            raise ConfigError(self.key(key), value, f"must be between {low:g} and {high:g}")
+        return float(value)
+
+    def integer(self, key: str, default: int, *, low: int, high: int) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(key), value, "must be a whole number")
+        if not low <= value <= high:
+            raise ConfigError(self.key(key), value, f"must be between {low} and {high}")
+        return value
+
+    def hexbytes(self, key: str, size: int, default: bytes | None) -> bytes | None:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f]*", value):
+            raise ConfigError(self.key(key), value, f"must be {size * 2} hex digits")
+        if len(value) != size * 2:
+            raise ConfigError(self.key(key), value, f"must be {size * 2} hex digits, not {len(value)}")
+        return bytes.fromhex(value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            key = unknown[0]
+            raise ConfigError(self.key(key), self.table[key], "unknown key")
+
+
+def _fares(section: _Section) -> dict[int, int]:
+    flat = section.integer("fare", -1, low=0, high=0xFFFFFFFF)
+    table = section._get("fares")
+    if table is None:
+        if flat < 0:
+            raise ConfigError(section.key("fare"), None, "set gate.fare or a [gate.fares] table")
+        return {code: flat for code in CARD_TYPES.values()}
+    if not isinstance(table, dict):
+        raise ConfigError(section.key("fares"), table, "must be a table of card type = fare")
+    fares = {code: flat for code in CARD_TYPES.values()} if flat >= 0 else {}
+    for name, fare in table.items():
+        if name not in CARD_TYPES:
+            raise ConfigError(f"gate.fares.{name}", fare, f"card type must be one of {sorted(CARD_TYPES)}")
+        if isinstance(fare, bool) or not isinstance(fare, int) or not 0 <= fare <= 0xFFFFFFFF:
+            raise ConfigError(f"gate.fares.{name}", fare, "must be a whole number of minor units")
+        fares[CARD_TYPES[name]] = fare
+    return fares
+
+
+def _backend(section: _Section, default: str, allowed: tuple[str, ...]) -> str:
+    value = section.string("backend", default)
+    if value not in allowed:
+        raise ConfigError(section.key("backend"), value, f"must be one of {', '.join(allowed)}")
+    return value
+
+
+def validate(raw: Raw, source: Path | None = None) -> Config:
+    known = {"gate", "reader", "sam", "journal", "gateio", "log"}
+    for name, table in raw.items():
+        if name not in known:
+            raise ConfigError(name, "...", "unknown section")
+        if not isinstance(table, dict):
+            raise ConfigError(name, table, "must be a table")
+    sec = {name: _Section(name, raw.get(name, {})) for name in known}
+
+    g = sec["gate"]
+    terminal_id = g.hexbytes("terminal_id", 6, None)
+    if terminal_id is None:
+        raise ConfigError("gate.terminal_id", None, "is required (12 hex digits)")
+    gate = GateConfig(
+        terminal_id=terminal_id,
+        fares=_fares(g),
+        anti_passback_s=g.number("anti_passback_s", 300.0, low=0, high=86400 * 7),
+        recovery_window_s=g.number("recovery_window_s", 86400.0, low=1, high=86400 * 366),
+        removal_wait_s=g.number("removal_wait_s", 10.0, low=0, high=3600),
+    )
+
+    r = sec["reader"]
+    reader = ReaderConfig(
+        backend=_backend(r, "sim", ("sim", "pcsc")),
+        name=r.string("name", "*"),
+        poll_s=r.number("poll_s", 0.25, low=0.01, high=10),
+        sim_cards=r.integer("sim_cards", 8, low=1, high=100000),
+        sim_interval_s=r.number("sim_interval_s", 1.0, low=0, high=3600),
+        sim_tear_rate=r.number("sim_tear_rate", 0.1, low=0, high=1),
+        sim_tac_key=r.hexbytes("sim_tac_key", 16, ReaderConfig.sim_tac_key) or b"",
+    )
+
+    s = sec["sam"]
+    backend = _backend(s, "software", ("software",))
+    purchase_key = s.hexbytes("purchase_key", 16, None)
+    key_file_raw = s.string("key_file", "") if s.table.get("key_file") is not None else ""
+    if (purchase_key is None) == (not key_file_raw):
+        raise ConfigError("sam.purchase_key", "<hidden>" if purchase_key else None,
+                          "set exactly one of sam.purchase_key and sam.key_file")
+    sam = SamConfig(backend=backend, purchase_key=purchase_key,
+                    key_file=Path(key_file_raw) if key_file_raw else None)
+
+    j = sec["journal"]
+    journal = JournalConfig(path=Path(j.string("path", "var/journal.db")))
+
+    io = sec["gateio"]
+    gateio = GateIOConfig(backend=_backend(io, "sim", ("sim",)),
+                          open_s=io.number("open_s", 5.0, low=0.1, high=120))
+
+    lg = sec["log"]
+    level = lg.string("level", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("log.level", level, "must be DEBUG, INFO, WARNING or ERROR")
+
+    for section in sec.values():
+        section.finish()
+    return Config(gate, reader, sam, journal, gateio, LogConfig(level), source)
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def merge(file_raw: Raw, env: Mapping[str, str], overrides: Mapping[str, Any]) -> Raw:
+    merged: Raw = {name: dict(table) if isinstance(table, dict) else table
+                   for name, table in file_raw.items()}
+    layers: list[dict[str, Any]] = [
+        {k[len(ENV_PREFIX):].lower().replace("__", ".", 1): _parse_env_value(v)
+         for k, v in env.items() if k.startswith(ENV_PREFIX) and "__" in k},
+        dict(overrides),
+    ]
+    for layer in layers:
+        for dotted, value in layer.items():
+            section, _, key = dotted.partition(".")
+            if not key:
+                raise ConfigError(dotted, value, "override must name section.key")
+            table = merged.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(section, table, "must be a table")
+            table[key] = value
+    return merged
+
+
+def load(path: Path | None, *, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read, merge and validate; every problem is a :class:`ConfigError`."""
+    file_raw: Raw = {}
+    if path is not None:
+        try:
+            file_raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise ConfigError("--config", str(path), "no such file") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError("--config", str(path), f"cannot be read: {err}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError("--config", str(path), f"is not valid TOML: {err}") from err
+    raw = merge(file_raw, os.environ if env is None else env, overrides or {})
+    return validate(raw, path)

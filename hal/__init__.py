@@ -1,0 +1,1 @@
+"""Hardware abstraction: one folder per hardware kind, one backend per module."""

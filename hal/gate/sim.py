@@ -1,0 +1,54 @@
+"""A gate with no hardware: it logs what a real gate would do and remembers it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from daemon.config import Config
+from hal.gate.base import Signal
+
+log = logging.getLogger("tapgate.gate")
+
+
+@dataclass(frozen=True, slots=True)
+class GateEvent:
+    what: str  # "open", "show" or "beep"
+    signal: Signal | None = None
+    text: str = ""
+
+
+class SimGateIO:
+    def __init__(self, *, history: int = 1000) -> None:
+        self._lock = threading.Lock()
+        self._history = history
+        self.events: list[GateEvent] = []
+        self.passages = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> SimGateIO:
+        del config
+        return cls()
+
+    def _record(self, event: GateEvent) -> None:
+        with self._lock:
+            self.events.append(event)
+            if len(self.events) > self._history:
+                del self.events[: len(self.events) - self._history]
+
+    def open_for_passage(self) -> None:
+        with self._lock:
+            self.passages += 1
+        self._record(GateEvent("open"))
+        log.debug("flap opened for one passage")
+
+    def show(self, signal: Signal, text: str) -> None:
+        self._record(GateEvent("show", signal, text))
+        log.debug("indicator %s: %s", signal.value, text)
+
+    def beep(self, signal: Signal) -> None:
+        self._record(GateEvent("beep", signal))
+
+    def close(self) -> None:
+        pass

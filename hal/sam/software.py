@@ -1,0 +1,66 @@
+"""A SAM in software: the purchase master key held in the daemon's memory.
+
+The key comes from config or from a key file; a key file that group or others can read
+is refused, as ssh refuses such a private key.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import stat
+from pathlib import Path
+
+from daemon.config import Config
+from daemon.errors import ConfigError
+from daemon.purse.crypto import Purchase, card_key
+
+
+def read_key_file(path: Path) -> bytes:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="ascii").strip()
+    except OSError as err:
+        raise ConfigError("sam.key_file", str(path), f"cannot be read: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError("sam.key_file", str(path), "must hold 32 hex digits") from err
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError("sam.key_file", str(path),
+                          f"is readable by others (mode {stat.S_IMODE(mode):04o}); chmod 600 it")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError as err:
+        raise ConfigError("sam.key_file", str(path), "must hold 32 hex digits") from err
+    if len(key) != 16:
+        raise ConfigError("sam.key_file", str(path), "must hold 32 hex digits (AES-128)")
+    return key
+
+
+class SoftwareSam:
+    def __init__(self, *, purchase_key: bytes) -> None:
+        if len(purchase_key) != 16:
+            raise ValueError("purchase key must be 16 bytes")
+        self._master = purchase_key
+        # Card keys are re-derived per serial; a gate sees the same cards again and again.
+        self._card_key = functools.lru_cache(maxsize=4096)(self._derive)
+
+    @classmethod
+    def from_config(cls, config: Config) -> SoftwareSam:
+        key = config.sam.purchase_key
+        if key is None:
+            assert config.sam.key_file is not None  # validate() ensures one of them
+            key = read_key_file(config.sam.key_file)
+        return cls(purchase_key=key)
+
+    def _derive(self, serial: bytes) -> bytes:
+        return card_key(self._master, serial)
+
+    def mac1(self, serial: bytes, purchase: Purchase) -> bytes:
+        return purchase.mac1(purchase.session_key(self._card_key(serial)))
+
+    def check_mac2(self, serial: bytes, purchase: Purchase, mac2: bytes) -> bool:
+        expected = purchase.mac2(purchase.session_key(self._card_key(serial)))
+        return hmac.compare_digest(expected, mac2)
+
+    def close(self) -> None:
+        self._card_key.cache_clear()
