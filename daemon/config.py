@@ -19,6 +19,8 @@ from daemon.errors import ConfigError
 
 CARD_TYPES = {"adult": 0x01, "concession": 0x02, "staff": 0x03}
 ENV_PREFIX = "TAPGATE_"
+# PURSE.md's test TAC master key: the simulator's cards use it unless told otherwise.
+DEMO_TAC_KEY = bytes.fromhex("101112131415161718191A1B1C1D1E1F")
 Raw = dict[str, dict[str, Any]]
 
 
@@ -42,7 +44,7 @@ class ReaderConfig:
     sim_cards: int = 8  # the built-in simulator's demo: cards in circulation
     sim_interval_s: float = 1.0  # seconds between demo taps (0: no demo taps)
     sim_tear_rate: float = 0.1  # share of demo taps torn mid-debit
-    sim_tac_key: bytes = bytes.fromhex("101112131415161718191A1B1C1D1E1F")
+    sim_tac_key: bytes = field(default=DEMO_TAC_KEY, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +197,7 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
         sim_cards=r.integer("sim_cards", 8, low=1, high=100000),
         sim_interval_s=r.number("sim_interval_s", 1.0, low=0, high=3600),
         sim_tear_rate=r.number("sim_tear_rate", 0.1, low=0, high=1),
-        sim_tac_key=r.hexbytes("sim_tac_key", 16, ReaderConfig.sim_tac_key) or b"",
+        sim_tac_key=r.hexbytes("sim_tac_key", 16, DEMO_TAC_KEY) or DEMO_TAC_KEY,
     )
 
     s = sec["sam"]

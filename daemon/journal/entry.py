@@ -1,0 +1,107 @@
+"""Journal entries: immutable facts, appended once, hash-chained.
+
+A tap's story is a short chain of entries linked by ``ref``:
+
+    debit/intent ──► debit/completed                       (the usual tap)
+    debit/intent ──► debit/torn ──► recovery/recovered      (the card had debited)
+                                └─► recovery/not_debited   (it had not; a new intent follows)
+                                └─► recovery/uncertain     (the window closed first)
+    refusal/refused                                         (denied, with a reason)
+    pass/completed                                          (a zero fare: no debit)
+
+The debits the journal recognises are debit/completed and recovery/recovered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+KIND_DEBIT = "debit"
+KIND_RECOVERY = "recovery"
+KIND_REFUSAL = "refusal"
+KIND_PASS = "pass"
+
+INTENT = "intent"
+COMPLETED = "completed"
+TORN = "torn"
+RECOVERED = "recovered"
+NOT_DEBITED = "not_debited"
+UNCERTAIN = "uncertain"
+REFUSED = "refused"
+
+GENESIS = bytes(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """What the card loop knows when it writes an entry; the journal adds the rest."""
+
+    kind: str
+    state: str
+    terminal_id: bytes
+    amount: int = 0
+    reason: str | None = None
+    card_serial: bytes | None = None
+    card_type: int | None = None
+    balance_before: int | None = None
+    balance_after: int | None = None
+    card_counter: int | None = None
+    card_random: bytes | None = None
+    terminal_seq: int | None = None
+    tx_date: str | None = None  # YYYYMMDD as sent to the card (BCD digits)
+    tx_time: str | None = None  # hhmmss as sent to the card
+    mac2: bytes | None = None
+    tac: bytes | None = None
+    ref: int | None = None  # id of the entry this one follows
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: int
+    uuid: str
+    kind: str
+    state: str
+    terminal_id: bytes
+    amount: int
+    reason: str | None
+    card_serial: bytes | None
+    card_type: int | None
+    balance_before: int | None
+    balance_after: int | None
+    card_counter: int | None
+    card_random: bytes | None
+    terminal_seq: int | None
+    tx_date: str | None
+    tx_time: str | None
+    mac2: bytes | None
+    tac: bytes | None
+    ref: int | None
+    created_ms: int
+    prev_hash: bytes
+    hash: bytes
+
+    @property
+    def is_recognised_debit(self) -> bool:
+        return (self.kind, self.state) in ((KIND_DEBIT, COMPLETED), (KIND_RECOVERY, RECOVERED))
+
+    def to_json(self) -> dict[str, Any]:
+        """Binary as uppercase hex, amounts as integers, absent values as null."""
+        return {k: (v.hex().upper() if isinstance(v, bytes) else v) for k, v in asdict(self).items()}
+
+
+ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
+DRAFT_FIELDS = tuple(f.name for f in fields(Draft))
+
+
+def chain_hash(fields_json: dict[str, Any]) -> bytes:
+    """SHA-256 over the canonical JSON of every field but ``hash`` itself.
+
+    The back office recomputes it from the exported JSON, so it is defined on that form:
+    keys sorted, no spaces, binary as uppercase hex (``prev_hash`` included).
+    """
+    body = {k: v for k, v in fields_json.items() if k not in ("hash", "sync_state", "sig")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).digest()

@@ -1,0 +1,288 @@
+"""The durable local journal: SQLite through peewee, WAL, synchronous=FULL, one writer.
+
+It is the only source of truth. The card loop appends to it, sync and the operator CLI
+read it; nothing about a transaction is kept only in memory. Every append is one
+committed, fsynced transaction, so an entry that :meth:`Journal.append` returned
+survives a crash or a power cut.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sqlite3
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peewee
+
+from daemon.errors import JournalError, JournalFull
+from daemon.journal import schema
+from daemon.journal.entry import (
+    COMPLETED,
+    ENTRY_FIELDS,
+    GENESIS,
+    INTENT,
+    KIND_DEBIT,
+    KIND_PASS,
+    KIND_RECOVERY,
+    RECOVERED,
+    TORN,
+    Draft,
+    Entry,
+    chain_hash,
+)
+
+log = logging.getLogger("tapgate.journal")
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@dataclass
+class VerifyReport:
+    entries: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _wrap(err: Exception, doing: str) -> JournalError:
+    text = str(err)
+    if isinstance(err, (sqlite3.OperationalError, peewee.OperationalError)) and (
+        "full" in text or "disk I/O" in text
+    ):
+        return JournalFull(f"{doing}: {text}")
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return JournalFull(f"{doing}: {text}")
+    return JournalError(f"{doing}: {text}")
+
+
+class Journal:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()  # one writer: appends are serialised here
+        self._db = peewee.SqliteDatabase(
+            str(self.path),
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": 2,  # FULL: the WAL is fsynced at every commit
+                "busy_timeout": 5000,
+                "foreign_keys": 1,
+            },
+            autoconnect=True,
+        )
+        self._row, self._meta = schema.bind(self._db)
+        self._tail_id = 0
+        self._tail_hash = GENESIS
+        self._max_seq = 0
+        self._opened = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def open(self) -> Journal:
+        self._refuse_foreign_file()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db.connect(reuse_if_open=True)
+            self._migrate()
+            self._load_tail()
+        except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+            self._db.close()
+            raise _wrap(err, f"cannot open the journal {self.path}") from err
+        self._opened = True
+        return self
+
+    def close(self) -> None:
+        if not self._db.is_closed():
+            self._db.close()
+        self._opened = False
+
+    def __enter__(self) -> Journal:
+        return self.open() if not self._opened else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _refuse_foreign_file(self) -> None:
+        try:
+            with self.path.open("rb") as fh:
+                head = fh.read(16)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise JournalError(f"cannot read the journal {self.path}: {err.strerror}") from err
+        if head and head != SQLITE_MAGIC:
+            raise JournalError(f"{self.path} is not an SQLite journal (corrupt or foreign file)")
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute_sql("PRAGMA user_version").fetchone()[0])
+        if version > schema.SCHEMA_VERSION:
+            raise JournalError(
+                f"{self.path} has journal schema {version}; this tapgate knows up to "
+                f"{schema.SCHEMA_VERSION}: refusing to open a journal from a newer version"
+            )
+        if version == 0 and self._db.get_tables():
+            raise JournalError(f"{self.path} holds tables but is not a tapgate journal")
+        with self._db.atomic():
+            for step in range(version + 1, schema.SCHEMA_VERSION + 1):
+                log.info("journal %s: migrating to schema %d", self.path, step)
+                schema.MIGRATIONS[step](self._db, (self._row, self._meta))
+                self._db.execute_sql(f"PRAGMA user_version = {step}")
+
+    def _load_tail(self) -> None:
+        row = self._row.select().order_by(self._row.id.desc()).first()
+        if row is not None:
+            self._tail_id, self._tail_hash = row.id, bytes(row.hash)
+        seq = self._row.select(peewee.fn.MAX(self._row.terminal_seq)).scalar()
+        stored = self._meta.get_or_none(self._meta.key == "max_terminal_seq")
+        self._max_seq = max(int(seq or 0), int(stored.value) if stored else 0)
+
+    # -- writing -----------------------------------------------------------------------
+    def next_terminal_seq(self) -> int:
+        """The terminal sequence number the next intent will carry (never reused)."""
+        with self._lock:
+            return self._max_seq + 1
+
+    def append(self, draft: Draft) -> Entry:
+        """Write one entry, commit it and fsync; return it as stored."""
+        with self._lock:
+            values: dict[str, Any] = {name: getattr(draft, name) for name in draft.__slots__}
+            values.update(
+                id=self._tail_id + 1,
+                uuid=uuidlib.uuid4().hex,
+                created_ms=int(self._clock() * 1000),
+                prev_hash=self._tail_hash,
+                hash=b"",
+            )
+            entry = Entry(**values)
+            entry = Entry(**{**values, "hash": chain_hash(entry.to_json())})
+            try:
+                with self._db.atomic():
+                    self._row.insert(**_row_values(entry)).execute()
+            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+                raise _wrap(err, f"cannot append a {entry.kind}/{entry.state} entry") from err
+            self._tail_id, self._tail_hash = entry.id, entry.hash
+            if entry.terminal_seq is not None:
+                self._max_seq = max(self._max_seq, entry.terminal_seq)
+            return entry
+
+    # -- reading -----------------------------------------------------------------------
+    def _entries(self, query: Any) -> list[Entry]:
+        try:
+            return [_entry(row) for row in query]
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
+
+    def get(self, entry_id: int) -> Entry | None:
+        found = self._entries(self._row.select().where(self._row.id == entry_id))
+        return found[0] if found else None
+
+    def _unresolved_torn(self) -> Any:
+        Row = self._row
+        Rec = Row.alias()
+        resolved = Rec.select().where((Rec.ref == Row.id) & (Rec.kind == KIND_RECOVERY))
+        return Row.select().where(
+            (Row.kind == KIND_DEBIT) & (Row.state == TORN) & ~peewee.fn.EXISTS(resolved)
+        )
+
+    def pending_recoveries(self, serial: bytes | None = None) -> list[Entry]:
+        """Torn debits not yet resolved, oldest first; for one card or for all."""
+        query = self._unresolved_torn()
+        if serial is not None:
+            query = query.where(self._row.card_serial == serial)
+        return self._entries(query.order_by(self._row.id))
+
+    def dangling_intents(self) -> list[Entry]:
+        """Intents that no completion or tear follows: the process died mid-debit."""
+        Row = self._row
+        Out = Row.alias()
+        followed = Out.select().where(
+            (Out.ref == Row.id) & (Out.kind == KIND_DEBIT) & Out.state.in_([COMPLETED, TORN])
+        )
+        query = Row.select().where(
+            (Row.kind == KIND_DEBIT) & (Row.state == INTENT) & ~peewee.fn.EXISTS(followed)
+        )
+        return self._entries(query.order_by(Row.id))
+
+    def last_accepted_ms(self, serial: bytes) -> int | None:
+        """When this card last went through this gate (a recognised debit or a free pass)."""
+        Row = self._row
+        accepted = (
+            ((Row.kind == KIND_DEBIT) & (Row.state == COMPLETED))
+            | ((Row.kind == KIND_RECOVERY) & (Row.state == RECOVERED))
+            | ((Row.kind == KIND_PASS) & (Row.state == COMPLETED))
+        )
+        try:
+            value = (
+                Row.select(Row.created_ms)
+                .where((Row.card_serial == serial) & accepted)
+                .order_by(Row.id.desc())
+                .limit(1)
+                .scalar()
+            )
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
+        return int(value) if value is not None else None
+
+    def entries(self, after_id: int = 0, batch: int = 1000) -> Iterator[Entry]:
+        """Every entry in id order, read in batches (constant memory on big journals)."""
+        last = after_id
+        while True:
+            rows = self._entries(
+                self._row.select().where(self._row.id > last).order_by(self._row.id).limit(batch)
+            )
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1].id
+
+    def count(self) -> int:
+        return int(self._row.select().count())
+
+    @property
+    def tail_id(self) -> int:
+        return self._tail_id
+
+    # -- checking ----------------------------------------------------------------------
+    def verify(self) -> VerifyReport:
+        """Check SQLite's quick_check and the hash chain from the first entry kept."""
+        report = VerifyReport()
+        try:
+            rows = self._db.execute_sql("PRAGMA quick_check").fetchall()
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            report.problems.append(f"quick_check failed: {err}")
+            return report
+        report.problems.extend(f"quick_check: {r[0]}" for r in rows if r[0] != "ok")
+        prev: Entry | None = None
+        try:
+            for entry in self.entries():
+                report.entries += 1
+                if chain_hash(entry.to_json()) != entry.hash:
+                    report.problems.append(f"entry {entry.id}: hash does not match its content")
+                if prev is not None and entry.prev_hash != prev.hash:
+                    report.problems.append(f"entry {entry.id}: prev_hash breaks the chain")
+                if prev is not None and entry.id != prev.id + 1:
+                    report.problems.append(f"entry {entry.id}: follows {prev.id}, entries missing")
+                prev = entry
+        except JournalError as err:
+            report.problems.append(str(err))
+        return report
+
+
+def _row_values(entry: Entry) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in ENTRY_FIELDS}
+
+
+def _entry(row: Any) -> Entry:
+    values = {}
+    for name in ENTRY_FIELDS:
+        value = getattr(row, name)
+        values[name] = bytes(value) if isinstance(value, (memoryview, bytearray)) else value
+    return Entry(**values)

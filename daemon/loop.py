@@ -1,0 +1,63 @@
+"""The card loop: one thread that owns the reader and is the journal's only writer.
+
+pyscard and peewee block, so the loop runs in its own thread, never on the event loop.
+Between taps it settles housekeeping from the journal (tears whose window closed).
+Its heartbeat is the liveness the service watchdog reports: it only advances when the
+loop really goes round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from daemon.outcome import TapResult
+from daemon.tap import TapProcessor
+from hal.reader.base import Reader, ReaderState
+
+log = logging.getLogger("tapgate.loop")
+
+WAIT_SLICE_S = 0.25  # how long one wait for a card may block the loop
+SWEEP_EVERY_S = 5.0
+
+
+class CardLoop:
+    def __init__(self, *, reader: Reader, processor: TapProcessor,
+                 on_tap: Callable[[TapResult, float], None] | None = None) -> None:
+        self._reader = reader
+        self._processor = processor
+        self._on_tap = on_tap
+        self.heartbeat = time.monotonic()
+        self.taps = 0
+        self._last_state: ReaderState | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Take taps until ``stop`` is set. Raises only on faults the supervisor must see."""
+        self._reader.open()
+        self._processor.settle_interrupted()
+        next_sweep = 0.0
+        while not stop.is_set():
+            self.heartbeat = time.monotonic()
+            self._note_state()
+            if self.heartbeat >= next_sweep:
+                self._processor.expire_recoveries()
+                next_sweep = self.heartbeat + SWEEP_EVERY_S
+            link = self._reader.wait_for_card(WAIT_SLICE_S)
+            if link is None:
+                continue
+            started = time.perf_counter()
+            try:
+                result = self._processor.handle(link)
+            finally:
+                link.release()
+            self.taps += 1
+            if self._on_tap is not None:
+                self._on_tap(result, time.perf_counter() - started)
+
+    def _note_state(self) -> None:
+        state = self._reader.state
+        if state is not self._last_state:
+            log.info("reader %s: %s", self._reader.name, state.value)
+            self._last_state = state

@@ -1,0 +1,234 @@
+"""One tap, from SELECT to the gate opening.
+
+SELECT → pending tears of this card settled → checks (status, expiry, anti-passback)
+→ fare → INITIALIZE FOR PURCHASE → SAM MAC1 → intent journalled and fsynced → DEBIT FOR
+PURCHASE → SAM checks MAC2 → gate opens → completion journalled with the TAC.
+
+The intent is the one fsync the passenger waits for: after it, whatever happens to the
+DEBIT exchange, the journal holds what is needed to find out later whether the card
+paid. Before it, a failure changes nothing on the card and the tap is simply refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+
+from daemon.config import GateConfig
+from daemon.errors import CardFault, CardGone, CardStatus, JournalError, JournalFull
+from daemon.journal import Draft, Entry, Journal
+from daemon.journal.entry import (
+    COMPLETED,
+    INTENT,
+    KIND_DEBIT,
+    KIND_PASS,
+    KIND_REFUSAL,
+    REFUSED,
+    TORN,
+)
+from daemon.outcome import Outcome, TapResult
+from daemon.purse import apdu
+from daemon.purse.apdu import CardInfo
+from daemon.purse.crypto import Purchase
+from daemon.recovery import Recoverer
+from hal.gate.base import GateIO, Signal
+from hal.reader.base import CardLink
+from hal.sam.base import Sam
+
+log = logging.getLogger("tapgate.tap")
+
+
+class TapProcessor:
+    def __init__(self, *, gate_config: GateConfig, journal: Journal, sam: Sam, gate: GateIO,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._cfg = gate_config
+        self._journal = journal
+        self._sam = sam
+        self._gate = gate
+        self._clock = clock
+        self._recoverer = Recoverer(journal=journal, sam=sam)
+
+    def set_config(self, gate_config: GateConfig) -> None:
+        """Take new fares and windows (a remote command, a reload) from the next tap on."""
+        self._cfg = gate_config
+
+    # -- between taps ------------------------------------------------------------------
+    def settle_interrupted(self) -> list[Entry]:
+        """Turn intents no outcome followed (the process died mid-debit) into tears."""
+        torn = []
+        for intent in self._journal.dangling_intents():
+            torn.append(self._journal.append(self._tear(intent, "interrupted: no outcome recorded")))
+            log.warning("intent %d of %s had no outcome: now a torn debit awaiting the card",
+                        intent.id, (intent.card_serial or b"").hex().upper())
+        return torn
+
+    def expire_recoveries(self) -> list[Entry]:
+        return self._recoverer.expire(int(self._clock() * 1000), self._cfg.recovery_window_s)
+
+    # -- the tap -----------------------------------------------------------------------
+    def handle(self, link: CardLink) -> TapResult:
+        try:
+            info = apdu.parse_select(link.transmit(apdu.select()))
+        except CardGone as err:
+            return self._signal(TapResult(Outcome.TAP_AGAIN, f"card left: {err}"))
+        except CardStatus:
+            return self._refuse(None, "not a tapgate card")
+        except CardFault as err:
+            log.warning("unreadable card: %s", err)
+            return self._signal(TapResult(Outcome.TAP_AGAIN, "card not readable"))
+        try:
+            return self._handle_card(link, info)
+        except JournalFull as err:
+            log.error("journal full: %s", err)
+            return self._signal(TapResult(Outcome.OUT_OF_SERVICE, "journal full", info.serial))
+        except JournalError as err:
+            log.error("journal failed: %s", err)
+            return self._signal(TapResult(Outcome.OUT_OF_SERVICE, "journal error", info.serial))
+
+    def _handle_card(self, link: CardLink, info: CardInfo) -> TapResult:
+        serial = info.serial
+        pending = self._journal.pending_recoveries(serial)
+        if pending:
+            try:
+                resolution = self._recoverer.resolve(link, serial, pending)
+            except CardGone as err:
+                return self._signal(TapResult(Outcome.TAP_AGAIN, f"card left: {err}", serial))
+            except CardFault as err:
+                log.warning("recovery of %s interrupted: %s", serial.hex().upper(), err)
+                return self._signal(TapResult(Outcome.TAP_AGAIN, "card not readable", serial))
+            if resolution.open_gate:
+                last = (resolution.recovered or resolution.uncertain)[-1]
+                return self._accept(TapResult(Outcome.RECOVERED, "torn debit recovered", serial,
+                                              resolution.amount, resolution.balance, last.id))
+            if resolution.uncertain and not resolution.not_debited:
+                return self._refuse(info, "card fault: see staff")
+        why = self._check(info)
+        if why:
+            return self._refuse(info, why)
+        fare = self._cfg.fare_for(info.card_type)
+        assert fare is not None  # _check refuses card types with no fare
+        if fare == 0:
+            entry = self._journal.append(Draft(
+                kind=KIND_PASS, state=COMPLETED, terminal_id=self._cfg.terminal_id,
+                card_serial=serial, card_type=info.card_type))
+            return self._accept(TapResult(Outcome.ACCEPTED, "free pass", serial, 0, None, entry.id))
+        return self._debit(link, info, fare)
+
+    def _check(self, info: CardInfo) -> str:
+        if info.blocked:
+            return "card blocked"
+        now = self._clock()
+        if info.expiry < dt.date.fromtimestamp(now):
+            return "card expired"
+        if self._cfg.fare_for(info.card_type) is None:
+            return "card type not accepted here"
+        if self._cfg.anti_passback_s > 0:
+            last = self._journal.last_accepted_ms(info.serial)
+            if last is not None and now * 1000 - last < self._cfg.anti_passback_s * 1000:
+                return "already passed this gate"
+        return ""
+
+    def _debit(self, link: CardLink, info: CardInfo, fare: int) -> TapResult:
+        serial = info.serial
+        try:
+            init = apdu.parse_initialize(
+                link.transmit(apdu.initialize_for_purchase(fare, self._cfg.terminal_id)))
+        except CardStatus as err:
+            if err.sw == apdu.SW_INSUFFICIENT:
+                return self._refuse(info, "insufficient balance")
+            return self._refuse(info, "card blocked or expired")
+        except CardGone as err:
+            return self._signal(TapResult(Outcome.TAP_AGAIN, f"card left: {err}", serial))
+        except CardFault as err:
+            log.warning("INITIALIZE FOR PURCHASE on %s: %s", serial.hex().upper(), err)
+            return self._signal(TapResult(Outcome.TAP_AGAIN, "card not readable", serial))
+        if init.balance < fare:  # a card that should have answered 9401
+            return self._refuse(info, "insufficient balance", init.balance)
+
+        stamp = time.localtime(self._clock())
+        purchase = Purchase(
+            card_random=init.card_random,
+            counter=init.counter,
+            terminal_seq=self._journal.next_terminal_seq(),
+            amount=fare,
+            terminal_id=self._cfg.terminal_id,
+            date=bytes.fromhex(time.strftime("%Y%m%d", stamp)),
+            time=bytes.fromhex(time.strftime("%H%M%S", stamp)),
+        )
+        mac1 = self._sam.mac1(serial, purchase)
+        intent = self._journal.append(Draft(
+            kind=KIND_DEBIT, state=INTENT, terminal_id=self._cfg.terminal_id, amount=fare,
+            card_serial=serial, card_type=info.card_type, balance_before=init.balance,
+            card_counter=init.counter, card_random=init.card_random,
+            terminal_seq=purchase.terminal_seq, tx_date=purchase.date.hex(),
+            tx_time=purchase.time.hex()))
+        # From here on, any failure is a tear: the card may have debited.
+        try:
+            proof = apdu.parse_debit(link.transmit(apdu.debit_for_purchase(
+                purchase.terminal_seq, purchase.date, purchase.time, mac1)))
+        except CardStatus as err:
+            return self._torn(intent, f"card refused the debit ({err.sw:04X})", deny=True)
+        except CardGone:
+            return self._torn(intent, "card left during the debit")
+        except CardFault as err:
+            return self._torn(intent, f"malformed debit answer: {err}")
+        if not self._sam.check_mac2(serial, purchase, proof.mac2):
+            return self._torn(intent, "MAC2 failed the SAM check")
+        balance_after = init.balance - fare
+        result = self._accept(TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after, intent.id))
+        # The passenger is through; the completion is durable before the next tap starts.
+        done = self._journal.append(Draft(
+            kind=KIND_DEBIT, state=COMPLETED, terminal_id=self._cfg.terminal_id, amount=fare,
+            card_serial=serial, card_type=info.card_type, balance_before=init.balance,
+            balance_after=balance_after, card_counter=init.counter, card_random=init.card_random,
+            terminal_seq=purchase.terminal_seq, tx_date=intent.tx_date, tx_time=intent.tx_time,
+            mac2=proof.mac2, tac=proof.tac, ref=intent.id))
+        return TapResult(result.outcome, result.reason, serial, fare, balance_after, done.id)
+
+    # -- outcomes ----------------------------------------------------------------------
+    @staticmethod
+    def _tear(intent: Entry, reason: str) -> Draft:
+        return Draft(
+            kind=KIND_DEBIT, state=TORN, terminal_id=intent.terminal_id, amount=intent.amount,
+            reason=reason, card_serial=intent.card_serial, card_type=intent.card_type,
+            balance_before=intent.balance_before, card_counter=intent.card_counter,
+            card_random=intent.card_random, terminal_seq=intent.terminal_seq,
+            tx_date=intent.tx_date, tx_time=intent.tx_time, ref=intent.id)
+
+    def _torn(self, intent: Entry, reason: str, *, deny: bool = False) -> TapResult:
+        entry = self._journal.append(self._tear(intent, reason))
+        log.warning("torn debit %d of %s: %s", entry.id,
+                    (intent.card_serial or b"").hex().upper(), reason)
+        outcome = Outcome.REFUSED if deny else Outcome.TAP_AGAIN
+        return self._signal(TapResult(outcome, reason, intent.card_serial, intent.amount,
+                                      None, entry.id, torn=True))
+
+    def _refuse(self, info: CardInfo | None, reason: str, balance: int | None = None) -> TapResult:
+        serial = info.serial if info else None
+        result = TapResult(Outcome.REFUSED, reason, serial, 0, balance)
+        self._signal(result)
+        entry = self._journal.append(Draft(
+            kind=KIND_REFUSAL, state=REFUSED, terminal_id=self._cfg.terminal_id, reason=reason,
+            card_serial=serial, card_type=info.card_type if info else None,
+            balance_before=balance))
+        return TapResult(Outcome.REFUSED, reason, serial, 0, balance, entry.id)
+
+    def _accept(self, result: TapResult) -> TapResult:
+        self._gate.open_for_passage()
+        return self._signal(result)
+
+    def _signal(self, result: TapResult) -> TapResult:
+        signal = {
+            Outcome.ACCEPTED: Signal.ACCEPT,
+            Outcome.RECOVERED: Signal.ACCEPT,
+            Outcome.REFUSED: Signal.DENY,
+            Outcome.TAP_AGAIN: Signal.TAP_AGAIN,
+            Outcome.OUT_OF_SERVICE: Signal.OUT_OF_SERVICE,
+        }[result.outcome]
+        text = result.reason or (
+            f"balance {result.balance / 100:.2f}" if result.balance is not None else "")
+        self._gate.show(signal, text)
+        self._gate.beep(signal)
+        return result
