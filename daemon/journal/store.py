@@ -85,6 +85,9 @@ class Journal:
         self._max_seq = 0
         self._opened = False
 
+    def _sql(self, sql: str) -> Any:
+        return self._db.execute_sql(sql)  # type: ignore[no-untyped-call]
+
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> Journal:
         self._refuse_foreign_file()
@@ -122,7 +125,7 @@ class Journal:
             raise JournalError(f"{self.path} is not an SQLite journal (corrupt or foreign file)")
 
     def _migrate(self) -> None:
-        version = int(self._db.execute_sql("PRAGMA user_version").fetchone()[0])
+        version = int(self._sql("PRAGMA user_version").fetchone()[0])
         if version > schema.SCHEMA_VERSION:
             raise JournalError(
                 f"{self.path} has journal schema {version}; this tapgate knows up to "
@@ -134,7 +137,7 @@ class Journal:
             for step in range(version + 1, schema.SCHEMA_VERSION + 1):
                 log.info("journal %s: migrating to schema %d", self.path, step)
                 schema.MIGRATIONS[step](self._db, (self._row, self._meta))
-                self._db.execute_sql(f"PRAGMA user_version = {step}")
+                self._sql(f"PRAGMA user_version = {step}")
 
     def _load_tail(self) -> None:
         row = self._row.select().order_by(self._row.id.desc()).first()
@@ -255,7 +258,7 @@ class Journal:
         """Check SQLite's quick_check and the hash chain from the first entry kept."""
         report = VerifyReport()
         try:
-            rows = self._db.execute_sql("PRAGMA quick_check").fetchall()
+            rows = self._sql("PRAGMA quick_check").fetchall()
         except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
             report.problems.append(f"quick_check failed: {err}")
             return report
@@ -281,7 +284,7 @@ def _row_values(entry: Entry) -> dict[str, Any]:
 
 
 def _entry(row: Any) -> Entry:
-    values = {}
+    values: dict[str, Any] = {}
     for name in ENTRY_FIELDS:
         value = getattr(row, name)
         values[name] = bytes(value) if isinstance(value, (memoryview, bytearray)) else value
