@@ -85,8 +85,8 @@ class Journal:
         self._max_seq = 0
         self._opened = False
 
-    def _sql(self, sql: str) -> Any:
-        return self._db.execute_sql(sql)  # type: ignore[no-untyped-call]
+    def _sql(self, sql: str, params: Any = None) -> Any:
+        return self._db.execute_sql(sql, params)  # type: ignore[no-untyped-call]
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> Journal:
@@ -168,7 +168,7 @@ class Journal:
             entry = Entry(**{**values, "hash": chain_hash(entry.to_json())})
             try:
                 with self._db.atomic():
-                    self._row.insert(**_row_values(entry)).execute()
+                    self._sql(_INSERT, [getattr(entry, name) for name in ENTRY_FIELDS])
             except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
                 raise _wrap(err, f"cannot append a {entry.kind}/{entry.state} entry") from err
             self._tail_id, self._tail_hash = entry.id, entry.hash
@@ -197,10 +197,16 @@ class Journal:
 
     def pending_recoveries(self, serial: bytes | None = None) -> list[Entry]:
         """Torn debits not yet resolved, oldest first; for one card or for all."""
-        query = self._unresolved_torn()
-        if serial is not None:
-            query = query.where(self._row.card_serial == serial)
-        return self._entries(query.order_by(self._row.id))
+        if serial is not None:  # on every tap: a prepared statement, no query building
+            return self._rows(_PENDING_FOR_CARD, (serial,))
+        return self._entries(self._unresolved_torn().order_by(self._row.id))
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Entry]:
+        try:
+            cursor = self._sql(sql, params)
+            return [_entry_from_tuple(row) for row in cursor.fetchall()]
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
 
     def dangling_intents(self) -> list[Entry]:
         """Intents that no completion or tear follows: the process died mid-debit."""
@@ -216,23 +222,11 @@ class Journal:
 
     def last_accepted_ms(self, serial: bytes) -> int | None:
         """When this card last went through this gate (a recognised debit or a free pass)."""
-        Row = self._row
-        accepted = (
-            ((Row.kind == KIND_DEBIT) & (Row.state == COMPLETED))
-            | ((Row.kind == KIND_RECOVERY) & (Row.state == RECOVERED))
-            | ((Row.kind == KIND_PASS) & (Row.state == COMPLETED))
-        )
         try:
-            value = (
-                Row.select(Row.created_ms)
-                .where((Row.card_serial == serial) & accepted)
-                .order_by(Row.id.desc())
-                .limit(1)
-                .scalar()
-            )
+            row = self._sql(_LAST_ACCEPTED, (serial,)).fetchone()
         except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
             raise _wrap(err, "cannot read the journal") from err
-        return int(value) if value is not None else None
+        return int(row[0]) if row is not None else None
 
     def entries(self, after_id: int = 0, batch: int = 1000) -> Iterator[Entry]:
         """Every entry in id order, read in batches (constant memory on big journals)."""
@@ -279,8 +273,26 @@ class Journal:
         return report
 
 
-def _row_values(entry: Entry) -> dict[str, Any]:
-    return {name: getattr(entry, name) for name in ENTRY_FIELDS}
+_COLUMNS = ", ".join(ENTRY_FIELDS)
+# The statements every tap runs, prepared once (peewee's query building costs more per
+# tap than SQLite's own work). Indexes: entry(card_serial, id) and entry(ref).
+_INSERT = f"INSERT INTO entry ({_COLUMNS}) VALUES ({', '.join('?' * len(ENTRY_FIELDS))})"
+_PENDING_FOR_CARD = f"""
+    SELECT {_COLUMNS} FROM entry AS t
+    WHERE t.card_serial = ? AND t.kind = '{KIND_DEBIT}' AND t.state = '{TORN}'
+      AND NOT EXISTS (SELECT 1 FROM entry AS r WHERE r.ref = t.id AND r.kind = '{KIND_RECOVERY}')
+    ORDER BY t.id"""
+_LAST_ACCEPTED = f"""
+    SELECT created_ms FROM entry
+    WHERE card_serial = ? AND ((kind = '{KIND_DEBIT}' AND state = '{COMPLETED}')
+        OR (kind = '{KIND_RECOVERY}' AND state = '{RECOVERED}')
+        OR (kind = '{KIND_PASS}' AND state = '{COMPLETED}'))
+    ORDER BY id DESC LIMIT 1"""
+
+
+def _entry_from_tuple(row: tuple[Any, ...]) -> Entry:
+    values: list[Any] = [bytes(v) if isinstance(v, (memoryview, bytearray)) else v for v in row]
+    return Entry(*values)
 
 
 def _entry(row: Any) -> Entry:
