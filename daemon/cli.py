@@ -13,7 +13,7 @@ from typing import Any
 
 from daemon import __version__
 from daemon.config import Config, load
-from daemon.errors import ConfigError, TapgateError
+from daemon.errors import ConfigError, JournalError, TapgateError
 from daemon.journal import Journal
 
 EXIT_FAULT = 1
@@ -63,8 +63,16 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
+def _existing_journal(config: Config) -> Journal:
+    """The configured journal, which must exist: opening a wrong path would create an
+    empty journal there, and verify would report its chain intact."""
+    if not config.journal.path.is_file():
+        raise JournalError(f"no journal at {config.journal.path}")
+    return Journal(config.journal.path)
+
+
 def _journal_verify(config: Config) -> int:
-    with Journal(config.journal.path) as journal:
+    with _existing_journal(config) as journal:
         report = journal.verify()
     for problem in report.problems:
         print(f"FAULT {problem}")
@@ -74,7 +82,7 @@ def _journal_verify(config: Config) -> int:
 
 def _journal_export(config: Config) -> int:
     out = sys.stdout
-    with Journal(config.journal.path) as journal:
+    with _existing_journal(config) as journal:
         for entry in journal.entries():
             out.write(json.dumps(entry.to_json(), separators=(",", ":")) + "\n")
     return 0

@@ -112,7 +112,7 @@ class _Section:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(self.key(key), value, "must be a number")
         if not low <= value <= high:
-            raise ConfigError(self.key(key), value, f"must be between {low:g} and {high:g}")
+            raise ConfigError(self.key(key), value, f"must be between {low:.12g} and {high:.12g}")
         return float(value)
 
     def integer(self, key: str, default: int, *, low: int, high: int) -> int:

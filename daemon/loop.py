@@ -25,18 +25,22 @@ SWEEP_EVERY_S = 5.0
 
 class CardLoop:
     def __init__(self, *, reader: Reader, processor: TapProcessor,
-                 on_tap: Callable[[TapResult, float], None] | None = None) -> None:
+                 on_tap: Callable[[TapResult, float], None] | None = None,
+                 on_state: Callable[[ReaderState], None] | None = None) -> None:
         self._reader = reader
         self._processor = processor
         self._on_tap = on_tap
+        self._on_state = on_state
         self.heartbeat = time.monotonic()
         self.taps = 0
+        self.ready = threading.Event()  # the reader is open and interrupted debits settled
         self._last_state: ReaderState | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Take taps until ``stop`` is set. Raises only on faults the supervisor must see."""
         self._reader.open()
         self._processor.settle_interrupted()
+        self.ready.set()
         next_sweep = 0.0
         while not stop.is_set():
             self.heartbeat = time.monotonic()
@@ -61,3 +65,5 @@ class CardLoop:
         if state is not self._last_state:
             log.info("reader %s: %s", self._reader.name, state.value)
             self._last_state = state
+            if self._on_state is not None:
+                self._on_state(state)

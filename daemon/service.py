@@ -12,11 +12,12 @@ from typing import Any
 from daemon.config import Config
 from daemon.journal import Journal
 from daemon.loop import CardLoop
+from daemon.notify import DEFAULT_MAX_STALENESS_S, Notifier, run_watchdog
 from daemon.outcome import Outcome, TapResult
 from daemon.supervisor import supervise
 from daemon.tap import TapProcessor
 from hal.gate.base import GateIO
-from hal.reader.base import Reader
+from hal.reader.base import Reader, ReaderState
 from hal.registry import backend_class
 from hal.sam.base import Sam
 
@@ -51,18 +52,31 @@ def _report_tap(result: TapResult, seconds: float) -> None:
                        "outcome": result.outcome.value, "journal_id": result.entry_id})
 
 
-def build(config: Config) -> Gate:
+def build(config: Config, notifier: Notifier | None = None) -> Gate:
     """Construct backends (by name, through the registry) and open the journal."""
     sam: Sam = backend_class("sam", config.sam.backend).from_config(config)
     gateio: GateIO = backend_class("gateio", config.gateio.backend).from_config(config)
     reader: Reader = backend_class("reader", config.reader.backend).from_config(config)
     journal = Journal(config.journal.path).open()
     processor = TapProcessor(gate_config=config.gate, journal=journal, sam=sam, gate=gateio)
-    card_loop = CardLoop(reader=reader, processor=processor, on_tap=_report_tap)
+    def on_state(state: ReaderState) -> None:
+        if notifier is not None:
+            notifier.status(f"reader {reader.name}: {state.value}")
+
+    card_loop = CardLoop(reader=reader, processor=processor, on_tap=_report_tap,
+                         on_state=on_state)
     return Gate(config, journal, reader, sam, gateio, processor, card_loop)
 
 
-async def _serve(gate: Gate) -> None:
+async def _until_ready(gate: Gate, stop: asyncio.Event) -> bool:
+    """Wait for the card loop to have the reader open and the journal settled."""
+    while not stop.is_set():
+        if await asyncio.to_thread(gate.card_loop.ready.wait, 0.2):
+            return True
+    return False
+
+
+async def _serve(gate: Gate, notifier: Notifier) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -72,22 +86,36 @@ async def _serve(gate: Gate) -> None:
     async def card_loop() -> None:
         await asyncio.to_thread(gate.card_loop.run, thread_stop)
 
-    tasks: dict[str, Any] = {"card-loop": card_loop}
+    async def watchdog() -> None:
+        # WATCHDOG=1 follows the card loop's own heartbeat: a hung loop stops the pings.
+        await run_watchdog(notifier, lambda: gate.card_loop.heartbeat, stop,
+                           max_staleness_s=DEFAULT_MAX_STALENESS_S)
+
+    tasks: dict[str, Any] = {"card-loop": card_loop, "watchdog": watchdog}
     running = [asyncio.create_task(supervise(name, body, stop), name=name)
                for name, body in tasks.items()]
-    log.info("tapgate running: terminal %s, reader %s (%s), journal %s",
-             gate.config.gate.terminal_id.hex().upper(), gate.reader.name,
-             gate.config.reader.backend, gate.config.journal.path)
-    await stop.wait()
-    log.info("stopping")
-    thread_stop.set()
-    await asyncio.gather(*running, return_exceptions=True)
+    try:
+        if await _until_ready(gate, stop):
+            log.info("tapgate running: terminal %s, reader %s (%s), journal %s",
+                     gate.config.gate.terminal_id.hex().upper(), gate.reader.name,
+                     gate.config.reader.backend, gate.config.journal.path)
+            notifier.ready(f"taking taps: terminal {gate.config.gate.terminal_id.hex().upper()},"
+                           f" reader {gate.reader.name} ({gate.reader.state.value})")
+        await stop.wait()
+        notifier.stopping()
+        log.info("stopping")
+        thread_stop.set()
+        await asyncio.gather(*running, return_exceptions=True)
+    finally:
+        notifier.close()
 
 
 def run(config: Config) -> int:
-    gate = build(config)
+    notifier = Notifier.from_env()
+    notifier.status("opening the journal and the reader")
+    gate = build(config, notifier)
     try:
-        asyncio.run(_serve(gate))
+        asyncio.run(_serve(gate, notifier))
     finally:
         gate.close()
     log.info("stopped cleanly")

@@ -49,6 +49,9 @@ class TapProcessor:
         self._gate = gate
         self._clock = clock
         self._recoverer = Recoverer(journal=journal, sam=sam)
+        # Outcomes of journalled intents that the journal refused (disk full): written
+        # before anything else, and no tap goes on until they are.
+        self._owed: list[Draft] = []
 
     def set_config(self, gate_config: GateConfig) -> None:
         """Take new fares and windows (a remote command, a reload) from the next tap on."""
@@ -57,6 +60,7 @@ class TapProcessor:
     # -- between taps ------------------------------------------------------------------
     def settle_interrupted(self) -> list[Entry]:
         """Turn intents no outcome followed (the process died mid-debit) into tears."""
+        self._write_owed()  # an outcome still in memory is no interrupted debit
         torn = []
         for intent in self._journal.dangling_intents():
             torn.append(self._journal.append(self._tear(intent, "interrupted: no outcome recorded")))
@@ -74,18 +78,39 @@ class TapProcessor:
         except CardGone as err:
             return self._signal(TapResult(Outcome.TAP_AGAIN, f"card left: {err}"))
         except CardStatus:
-            return self._refuse(None, "not a tapgate card")
+            return self._journalled(None, lambda: self._refuse(None, "not a tapgate card"))
         except CardFault as err:
             log.warning("unreadable card: %s", err)
             return self._signal(TapResult(Outcome.TAP_AGAIN, "card not readable"))
+        return self._journalled(info.serial, lambda: self._handle_card(link, info))
+
+    def _journalled(self, serial: bytes | None, body: Callable[[], TapResult]) -> TapResult:
+        """Run ``body`` once the journal has everything owed; if it cannot be written the
+        gate is out of service."""
         try:
-            return self._handle_card(link, info)
+            self._write_owed()
+            return body()
         except JournalFull as err:
             log.error("journal full: %s", err)
-            return self._signal(TapResult(Outcome.OUT_OF_SERVICE, "journal full", info.serial))
+            return self._signal(TapResult(Outcome.OUT_OF_SERVICE, "journal full", serial))
         except JournalError as err:
             log.error("journal failed: %s", err)
-            return self._signal(TapResult(Outcome.OUT_OF_SERVICE, "journal error", info.serial))
+            return self._signal(TapResult(Outcome.OUT_OF_SERVICE, "journal error", serial))
+
+    def _write_owed(self) -> None:
+        while self._owed:
+            self._journal.append(self._owed[0])
+            del self._owed[0]
+
+    def _outcome(self, draft: Draft) -> Entry:
+        """Journal what came of an intent; if the journal refuses it, keep it to write
+        before anything else: a dangling intent is invisible to the card's next
+        presentation, which would charge the card again."""
+        try:
+            return self._journal.append(draft)
+        except JournalError:
+            self._owed.append(draft)
+            raise
 
     def _handle_card(self, link: CardLink, info: CardInfo) -> TapResult:
         serial = info.serial
@@ -179,7 +204,7 @@ class TapProcessor:
         balance_after = init.balance - fare
         result = self._accept(TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after, intent.id))
         # The passenger is through; the completion is durable before the next tap starts.
-        done = self._journal.append(Draft(
+        done = self._outcome(Draft(
             kind=KIND_DEBIT, state=COMPLETED, terminal_id=self._cfg.terminal_id, amount=fare,
             card_serial=serial, card_type=info.card_type, balance_before=init.balance,
             balance_after=balance_after, card_counter=init.counter, card_random=init.card_random,
@@ -198,7 +223,7 @@ class TapProcessor:
             tx_date=intent.tx_date, tx_time=intent.tx_time, ref=intent.id)
 
     def _torn(self, intent: Entry, reason: str, *, deny: bool = False) -> TapResult:
-        entry = self._journal.append(self._tear(intent, reason))
+        entry = self._outcome(self._tear(intent, reason))
         log.warning("torn debit %d of %s: %s", entry.id,
                     (intent.card_serial or b"").hex().upper(), reason)
         outcome = Outcome.REFUSED if deny else Outcome.TAP_AGAIN

@@ -53,15 +53,24 @@ class VerifyReport:
         return not self.problems
 
 
-def _wrap(err: Exception, doing: str) -> JournalError:
+def _is_full(err: BaseException) -> bool:
     text = str(err)
     if isinstance(err, (sqlite3.OperationalError, peewee.OperationalError)) and (
         "full" in text or "disk I/O" in text
     ):
-        return JournalFull(f"{doing}: {text}")
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return JournalFull(f"{doing}: {text}")
-    return JournalError(f"{doing}: {text}")
+        return True
+    return isinstance(err, OSError) and err.errno == errno.ENOSPC
+
+
+def _wrap(err: Exception, doing: str) -> JournalError:
+    # SQLite rolls a transaction back by itself on SQLITE_FULL; peewee's rollback then
+    # fails with "no transaction is active" and hides the cause: look down the chain.
+    cause: BaseException | None = err
+    while cause is not None:
+        if _is_full(cause):
+            return JournalFull(f"{doing}: {cause}")
+        cause = cause.__context__
+    return JournalError(f"{doing}: {err}")
 
 
 class Journal:

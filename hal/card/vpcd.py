@@ -37,16 +37,18 @@ _POWER_ON = 0x01
 _RESET = 0x02
 _GET_ATR = 0x04
 
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 _BACKOFF_FIRST_S = 0.02
 _BACKOFF_MAX_S = 0.25  # a restarted pcscd is used again within this much of listening
 
 
 class _Left(Exception):
-    """The connection ended: vpcd closed it, or the card tore or was removed."""
+    """The connection ended: vpcd closed it (``torn`` False), or the card left the field
+    in the middle of an exchange (``torn`` True)."""
 
     def __init__(self, torn: bool) -> None:
         self.torn = torn
-        super().__init__("torn" if torn else "connection closed")
+        super().__init__("card left mid-exchange" if torn else "connection closed")
 
 
 class VpcdCard:
@@ -194,6 +196,10 @@ class VpcdCard:
                 except CardTorn as torn:
                     log.debug("card %s torn (applied=%s)", self.card.serial.hex(), torn.applied)
                     raise _Left(torn=True) from torn
+                if not 0 < len(answer) <= 0xFFFF:
+                    # vpcd cannot carry an empty answer (it would wait for it forever):
+                    # a card that answers nothing has gone silent, i.e. left the field
+                    raise _Left(torn=True)
             if answer is not None:
                 sock.sendall(len(answer).to_bytes(2, "big") + answer)
 
@@ -212,9 +218,10 @@ class VpcdCard:
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
     data = bytearray()
     while len(data) < size:
-        # Linux clears quick-ack mode after each ACK: without this every APDU waits for
-        # the delayed ACK (about 40 ms) on top of Nagle.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        # Linux leaves quick-ack mode on its own: without this before every recv, each
+        # APDU waits for a delayed ACK (about 40 ms) on top of Nagle.
+        if _TCP_QUICKACK is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         chunk = sock.recv(size - len(data))
         if not chunk:
             raise _Left(torn=False)
@@ -267,13 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.is_set():
             try:
                 vpcd.insert(timeout=1.0)
-                break
             except TimeoutError:
-                continue
-        log.info("card %s in the field (balance %d); Ctrl-C to remove it",
-                 args.serial.hex().upper(), purse.balance)
-        stop.wait()
-        log.info("card removed; balance %d, counter %d", purse.balance, purse.counter)
+                continue  # pcscd not up yet: the card keeps trying
+            log.info("card %s in the field (balance %d); Ctrl-C to remove it",
+                     args.serial.hex().upper(), purse.balance)
+            stop.wait()
+    log.info("card removed; balance %d, counter %d", purse.balance, purse.counter)
     return 0
 
 
