@@ -30,7 +30,6 @@ class GateConfig:
     fares: Mapping[int, int]  # card type -> fare in minor units
     anti_passback_s: float = 300.0
     recovery_window_s: float = 86400.0
-    removal_wait_s: float = 10.0  # how long to wait for a card to leave before the next tap
 
     def fare_for(self, card_type: int) -> int | None:
         return self.fares.get(card_type)
@@ -186,7 +185,6 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
         fares=_fares(g),
         anti_passback_s=g.number("anti_passback_s", 300.0, low=0, high=86400 * 7),
         recovery_window_s=g.number("recovery_window_s", 86400.0, low=1, high=86400 * 366),
-        removal_wait_s=g.number("removal_wait_s", 10.0, low=0, high=3600),
     )
 
     r = sec["reader"]

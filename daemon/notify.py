@@ -29,8 +29,7 @@ log = logging.getLogger("tapgate.notify")
 SEND_TIMEOUT_S = 1.0  # systemd reads its notify socket promptly; never block the loop long
 # How old the card loop's heartbeat may be before the watchdog is withheld. The loop beats
 # every reader wait slice (0.25 s) when idle; a tap, with its journal fsync, takes
-# milliseconds. A service that waits for the card to leave the field inside the loop must
-# pass at least gate.removal_wait_s plus a margin.
+# milliseconds; a stuck PC/SC call or a hung relay driver stops it.
 DEFAULT_MAX_STALENESS_S = 20.0
 
 

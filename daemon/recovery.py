@@ -181,8 +181,12 @@ class Recoverer:
     def expire(self, now_ms: int, window_s: float) -> list[Entry]:
         """Close as uncertain every tear older than the recovery window."""
         cutoff = now_ms - int(window_s * 1000)
-        return [
-            self._close(torn, UNCERTAIN, f"not recovered within {window_s:g} s")
-            for torn in self._journal.pending_recoveries()
-            if torn.created_ms <= cutoff
-        ]
+        expired = []
+        for torn in self._journal.pending_recoveries():
+            # the window runs from the intent: a tear written at a restart is no younger
+            intent = self._journal.get(torn.ref) if torn.ref is not None else None
+            started = min(torn.created_ms, intent.created_ms if intent else torn.created_ms)
+            if started <= cutoff:
+                expired.append(
+                    self._close(torn, UNCERTAIN, f"not recovered within {window_s:g} s"))
+        return expired

@@ -163,7 +163,9 @@ class TapProcessor:
         except CardStatus as err:
             if err.sw == apdu.SW_INSUFFICIENT:
                 return self._refuse(info, "insufficient balance")
-            return self._refuse(info, "card blocked or expired")
+            if err.sw == apdu.SW_BLOCKED_OR_EXPIRED:
+                return self._refuse(info, "card blocked or expired")
+            return self._refuse(info, f"card refused the purchase ({err.sw:04X})")
         except CardGone as err:
             return self._signal(TapResult(Outcome.TAP_AGAIN, f"card left: {err}", serial))
         except CardFault as err:

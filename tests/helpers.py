@@ -90,7 +90,6 @@ def gate_config(**changes: Any) -> GateConfig:
         "fares": dict(FARES),
         "anti_passback_s": 300.0,
         "recovery_window_s": 86400.0,
-        "removal_wait_s": 0.0,
     }
     values.update(changes)
     return GateConfig(**values)

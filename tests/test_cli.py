@@ -215,9 +215,9 @@ def test_run_refuses_a_missing_or_invalid_file(tmp_path: Path) -> None:
 
 def test_set_overrides_are_validated(tmp_path: Path) -> None:
     config = write_config(tmp_path / "tapgate.toml", raw_config(tmp_path / "j.db"))
-    done = tapgate("run", "--config", str(config), "--set", "gate.removal_wait_s=-1")
+    done = tapgate("run", "--config", str(config), "--set", "gate.anti_passback_s=-1")
     assert done.returncode == 2
-    assert "config gate.removal_wait_s = -1: must be between 0 and 3600" in done.stderr
+    assert "config gate.anti_passback_s = -1: must be between 0 and 604800" in done.stderr
     done = tapgate("run", "--config", str(config), "--set", "nodot=1")
     assert done.returncode == 2  # argparse's own usage error
 

@@ -33,7 +33,7 @@ def test_defaults() -> None:
     assert config.gate.terminal_id == bytes.fromhex("000000A00001")
     assert dict(config.gate.fares) == {ADULT: 250, CONCESSION: 250, STAFF: 250}
     assert (config.gate.anti_passback_s, config.gate.recovery_window_s) == (300.0, 86400.0)
-    assert config.gate.removal_wait_s == 10.0
+    assert config.reader.poll_s == 0.25
     assert (config.reader.backend, config.reader.name, config.reader.poll_s) == ("sim", "*", 0.25)
     assert config.reader.sim_tac_key == DEMO_TAC_KEY
     assert (config.sam.backend, config.sam.purchase_key, config.sam.key_file) == (
@@ -52,14 +52,14 @@ def test_precedence_cli_over_env_over_file_over_defaults(tmp_path: Path) -> None
     config = load(path, env={}, overrides={})
     assert config.gate.fare_for(ADULT) == 250  # the [gate.fares] table beats the flat fare
     assert config.gate.anti_passback_s == 20  # file over default
-    assert config.gate.removal_wait_s == 10  # default
+    assert config.reader.poll_s == 0.25  # default
 
-    env = {"TAPGATE_GATE__ANTI_PASSBACK_S": "60", "TAPGATE_GATE__REMOVAL_WAIT_S": "2.5"}
+    env = {"TAPGATE_GATE__ANTI_PASSBACK_S": "60", "TAPGATE_READER__POLL_S": "2.5"}
     config = load(path, env=env, overrides={})
-    assert (config.gate.anti_passback_s, config.gate.removal_wait_s) == (60, 2.5)
+    assert (config.gate.anti_passback_s, config.reader.poll_s) == (60, 2.5)
 
     config = load(path, env=env, overrides={"gate.anti_passback_s": 90})
-    assert (config.gate.anti_passback_s, config.gate.removal_wait_s) == (90, 2.5)
+    assert (config.gate.anti_passback_s, config.reader.poll_s) == (90, 2.5)
     assert config.source == path
 
 

@@ -109,6 +109,14 @@ def test_deleted_row_is_detected(tmp_path: Path) -> None:
                             "entry 4: follows 2, entries missing"]
 
 
+def test_deleted_head_of_the_chain_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    filled(path)
+    raw(path, "DELETE FROM entry WHERE id IN (1, 2)")
+    assert verify(path) == ["entry 3: the first entry kept does not continue the chain "
+                            "anchor: entries before it are missing"]
+
+
 def test_tampered_binary_field_is_detected(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     filled(path)

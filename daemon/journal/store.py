@@ -267,9 +267,15 @@ class Journal:
             return report
         report.problems.extend(f"quick_check: {r[0]}" for r in rows if r[0] != "ok")
         prev: Entry | None = None
+        anchor = self._meta.get_or_none(self._meta.key == "chain_anchor")
+        first_prev = bytes.fromhex(anchor.value) if anchor else GENESIS
         try:
             for entry in self.entries():
                 report.entries += 1
+                if prev is None and entry.prev_hash != first_prev:
+                    report.problems.append(
+                        f"entry {entry.id}: the first entry kept does not continue the chain "
+                        "anchor: entries before it are missing")
                 if chain_hash(entry.to_json()) != entry.hash:
                     report.problems.append(f"entry {entry.id}: hash does not match its content")
                 if prev is not None and entry.prev_hash != prev.hash:

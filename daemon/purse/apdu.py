@@ -26,6 +26,8 @@ SW_MAC1_WRONG = 0x9302
 SW_BLOCKED_OR_EXPIRED = 0x6985
 SW_NOT_FOUND = 0x6A82
 SW_NO_RECORD = 0x6A83
+SW_UNKNOWN_KEY = 0x6A88
+SW_WRONG_LENGTH = 0x6700
 
 
 def select() -> bytes:
@@ -153,7 +155,8 @@ class PurchaseInit:
 
 def parse_initialize(response: bytes) -> PurchaseInit:
     command = "INITIALIZE FOR PURCHASE"
-    data = _expect(command, response, 15, (SW_INSUFFICIENT, SW_BLOCKED_OR_EXPIRED))
+    data = _expect(command, response, 15,
+                   (SW_INSUFFICIENT, SW_BLOCKED_OR_EXPIRED, SW_UNKNOWN_KEY, SW_WRONG_LENGTH))
     overdraft, key_version, algorithm = data[6:9], data[9], data[10]
     if overdraft != b"\x00\x00\x00" or key_version != 0x01 or algorithm != ALGORITHM_AES_CMAC:
         raise CardFault(command, "unsupported overdraft, key version or algorithm", response)
