@@ -56,12 +56,39 @@ class SamConfig:
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
     path: Path = Path("var/journal.db")
+    device_key: Path | None = None  # Ed25519 key every entry is signed with (tapgate keygen)
+    reserve_bytes: int = 1 << 20  # below this much free disk, no new debit starts
+
+    @property
+    def status_path(self) -> Path:
+        """The daemon's status beside its journal, for `tapgate status`."""
+        return self.path.with_name("status.json")
 
 
 @dataclass(frozen=True, slots=True)
 class GateIOConfig:
     backend: str = "sim"
     open_s: float = 5.0
+    sim_hang_after: int = 0  # the sim relay driver hangs on this passage (0: never)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = ""  # "127.0.0.1:9464" serves /metrics; empty: no HTTP endpoint
+    textfile_dir: Path | None = None  # node-exporter textfile collector directory
+    interval_s: float = 15.0  # how often the textfile is rewritten
+
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    watchdog_staleness_s: float = 20.0  # card loop silent this long: stop WATCHDOG=1
+    status_interval_s: float = 5.0  # how often status.json is rewritten
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +104,8 @@ class Config:
     journal: JournalConfig
     gateio: GateIOConfig
     log: LogConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     source: Path | None = None
 
 
@@ -168,7 +197,7 @@ def _backend(section: _Section, default: str, allowed: tuple[str, ...]) -> str:
 
 
 def validate(raw: Raw, source: Path | None = None) -> Config:
-    known = {"gate", "reader", "sam", "journal", "gateio", "log"}
+    known = {"gate", "reader", "sam", "journal", "gateio", "log", "metrics", "service"}
     for name, table in raw.items():
         if name not in known:
             raise ConfigError(name, "...", "unknown section")
@@ -209,11 +238,32 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
                     key_file=Path(key_file_raw) if key_file_raw else None)
 
     j = sec["journal"]
-    journal = JournalConfig(path=Path(j.string("path", "var/journal.db")))
+    device_key = j.string("device_key", "") if j.table.get("device_key") is not None else ""
+    journal = JournalConfig(
+        path=Path(j.string("path", "var/journal.db")),
+        device_key=Path(device_key) if device_key else None,
+        reserve_bytes=j.integer("reserve_bytes", 1 << 20, low=0, high=1 << 40),
+    )
 
     io = sec["gateio"]
     gateio = GateIOConfig(backend=_backend(io, "sim", ("sim",)),
-                          open_s=io.number("open_s", 5.0, low=0.1, high=120))
+                          open_s=io.number("open_s", 5.0, low=0.1, high=120),
+                          sim_hang_after=io.integer("sim_hang_after", 0, low=0, high=1 << 31))
+
+    m = sec["metrics"]
+    listen = m.string("listen", "") if m.table.get("listen") is not None else ""
+    if listen and not re.fullmatch(r"[\w.\-\[\]:]*:\d{1,5}", listen):
+        raise ConfigError("metrics.listen", listen, "must be HOST:PORT, e.g. 127.0.0.1:9464")
+    if listen and not 0 < int(listen.rpartition(":")[2]) < 65536:
+        raise ConfigError("metrics.listen", listen, "port must be 1..65535")
+    textfile = m.string("textfile_dir", "") if m.table.get("textfile_dir") is not None else ""
+    metrics = MetricsConfig(listen=listen, textfile_dir=Path(textfile) if textfile else None,
+                            interval_s=m.number("interval_s", 15.0, low=1, high=3600))
+
+    sv = sec["service"]
+    service = ServiceConfig(
+        watchdog_staleness_s=sv.number("watchdog_staleness_s", 20.0, low=0.5, high=3600),
+        status_interval_s=sv.number("status_interval_s", 5.0, low=0.5, high=3600))
 
     lg = sec["log"]
     level = lg.string("level", "INFO").upper()
@@ -222,7 +272,7 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
 
     for section in sec.values():
         section.finish()
-    return Config(gate, reader, sam, journal, gateio, LogConfig(level), source)
+    return Config(gate, reader, sam, journal, gateio, LogConfig(level), metrics, service, source)
 
 
 def _parse_env_value(text: str) -> Any:

@@ -20,16 +20,17 @@ class GateEvent:
 
 
 class SimGateIO:
-    def __init__(self, *, history: int = 1000) -> None:
+    def __init__(self, *, history: int = 1000, hang_after: int = 0) -> None:
         self._lock = threading.Lock()
+        self._hang_after = hang_after
+        self._hung = threading.Event()
         self._history = history
         self.events: list[GateEvent] = []
         self.passages = 0
 
     @classmethod
     def from_config(cls, config: Config) -> SimGateIO:
-        del config
-        return cls()
+        return cls(hang_after=config.gateio.sim_hang_after)
 
     def _record(self, event: GateEvent) -> None:
         with self._lock:
@@ -40,6 +41,10 @@ class SimGateIO:
     def open_for_passage(self) -> None:
         with self._lock:
             self.passages += 1
+            hang = self.passages == self._hang_after
+        if hang:  # a relay driver that never returns, as a wedged GPIO expander does
+            log.error("sim: the relay driver hangs (gateio.sim_hang_after = %d)", self._hang_after)
+            self._hung.wait()
         self._record(GateEvent("open"))
         log.debug("flap opened for one passage")
 
@@ -51,4 +56,4 @@ class SimGateIO:
         self._record(GateEvent("beep", signal))
 
     def close(self) -> None:
-        pass
+        self._hung.set()
