@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -59,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    from daemon import logsetup
+
+    logsetup.setup(level)
 
 
 def _existing_journal(config: Config) -> Journal:

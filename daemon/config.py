@@ -160,7 +160,8 @@ class _Section:
         if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f]*", value):
             raise ConfigError(self.key(key), value, f"must be {size * 2} hex digits")
         if len(value) != size * 2:
-            raise ConfigError(self.key(key), value, f"must be {size * 2} hex digits, not {len(value)}")
+            raise ConfigError(self.key(key), value,
+                              f"must be {size * 2} hex digits, not {len(value)}")
         return bytes.fromhex(value)
 
     def finish(self) -> None:
@@ -182,7 +183,8 @@ def _fares(section: _Section) -> dict[int, int]:
     fares = {code: flat for code in CARD_TYPES.values()} if flat >= 0 else {}
     for name, fare in table.items():
         if name not in CARD_TYPES:
-            raise ConfigError(f"gate.fares.{name}", fare, f"card type must be one of {sorted(CARD_TYPES)}")
+            raise ConfigError(f"gate.fares.{name}", fare,
+                              f"card type must be one of {sorted(CARD_TYPES)}")
         if isinstance(fare, bool) or not isinstance(fare, int) or not 0 <= fare <= 0xFFFFFFFF:
             raise ConfigError(f"gate.fares.{name}", fare, "must be a whole number of minor units")
         fares[CARD_TYPES[name]] = fare

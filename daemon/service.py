@@ -12,7 +12,7 @@ from typing import Any
 from daemon.config import Config
 from daemon.journal import Journal
 from daemon.loop import CardLoop
-from daemon.notify import DEFAULT_MAX_STALENESS_S, Notifier, run_watchdog
+from daemon.notify import Notifier, run_watchdog
 from daemon.outcome import Outcome, TapResult
 from daemon.supervisor import supervise
 from daemon.tap import TapProcessor
@@ -89,7 +89,7 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
     async def watchdog() -> None:
         # WATCHDOG=1 follows the card loop's own heartbeat: a hung loop stops the pings.
         await run_watchdog(notifier, lambda: gate.card_loop.heartbeat, stop,
-                           max_staleness_s=DEFAULT_MAX_STALENESS_S)
+                           max_staleness_s=gate.config.service.watchdog_staleness_s)
 
     tasks: dict[str, Any] = {"card-loop": card_loop, "watchdog": watchdog}
     running = [asyncio.create_task(supervise(name, body, stop), name=name)

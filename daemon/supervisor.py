@@ -4,6 +4,7 @@ and never takes the others down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -33,8 +34,6 @@ async def supervise(name: str, body: Callable[[], Awaitable[None]], stop: asynci
             delay = BACKOFF_FIRST_S
         pause = delay * random.uniform(0.5, 1.5)
         log.info("task %s restarts in %.1f s", name, pause)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), pause)
-        except TimeoutError:
-            pass
         delay = min(delay * 2, BACKOFF_MAX_S)

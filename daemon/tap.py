@@ -63,7 +63,8 @@ class TapProcessor:
         self._write_owed()  # an outcome still in memory is no interrupted debit
         torn = []
         for intent in self._journal.dangling_intents():
-            torn.append(self._journal.append(self._tear(intent, "interrupted: no outcome recorded")))
+            tear = self._tear(intent, "interrupted: no outcome recorded")
+            torn.append(self._journal.append(tear))
             log.warning("intent %d of %s had no outcome: now a torn debit awaiting the card",
                         intent.id, (intent.card_serial or b"").hex().upper())
         return torn
@@ -204,7 +205,8 @@ class TapProcessor:
         if not self._sam.check_mac2(serial, purchase, proof.mac2):
             return self._torn(intent, "MAC2 failed the SAM check")
         balance_after = init.balance - fare
-        result = self._accept(TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after, intent.id))
+        result = self._accept(
+            TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after, intent.id))
         # The passenger is through; the completion is durable before the next tap starts.
         done = self._outcome(Draft(
             kind=KIND_DEBIT, state=COMPLETED, terminal_id=self._cfg.terminal_id, amount=fare,

@@ -89,7 +89,8 @@ class Entry:
 
     def to_json(self) -> dict[str, Any]:
         """Binary as uppercase hex, amounts as integers, absent values as null."""
-        return {k: (v.hex().upper() if isinstance(v, bytes) else v) for k, v in asdict(self).items()}
+        return {k: (v.hex().upper() if isinstance(v, bytes) else v)
+                for k, v in asdict(self).items()}
 
 
 ENTRY_FIELDS = tuple(f.name for f in fields(Entry))

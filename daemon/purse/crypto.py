@@ -42,7 +42,9 @@ class Purchase:
     def session_key(self, k_card: bytes) -> bytes:
         return cmac(
             k_card,
-            self.card_random + self.counter.to_bytes(2, "big") + self.terminal_seq.to_bytes(4, "big"),
+            self.card_random
+            + self.counter.to_bytes(2, "big")
+            + self.terminal_seq.to_bytes(4, "big"),
         )
 
     def mac1(self, sk: bytes) -> bytes:
