@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.journal import Journal
 from daemon.outcome import Outcome, TapResult
 
 log = logging.getLogger("tapgate.metrics")
@@ -98,6 +99,20 @@ class Metrics:
                 f"tapgate_sync_lag_seconds {journal.sync_lag_s:.3f}",
             ]
         return "\n".join(out) + "\n"
+
+
+def journal_gauges(journal: Journal, now: float) -> JournalGauges:
+    """Read from the journal when scraped (any thread: the journal reads on its own
+    connection per thread, and WAL lets it read beside the writer)."""
+    oldest = journal.oldest_created_ms()
+    return JournalGauges(
+        entries=journal.count(),
+        bytes=journal.size_bytes(),
+        pending_recoveries=len(journal.pending_recoveries()),
+        # no uplink acknowledges anything yet: every entry is still owed to the head-end
+        pending_sync=journal.count(),
+        sync_lag_s=max(0.0, now - oldest / 1000) if oldest is not None else 0.0,
+    )
 
 
 def write_textfile(directory: Path, text: str) -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from daemon import devicekey
 from daemon.config import Config
 from daemon.journal import Journal
 from daemon.loop import CardLoop
+from daemon.metrics import Metrics, journal_gauges, serve_http, write_textfile
 from daemon.notify import Notifier, run_watchdog
 from daemon.outcome import Outcome, TapResult
 from daemon.supervisor import supervise
@@ -36,6 +40,11 @@ class Gate:
     gateio: GateIO
     processor: TapProcessor
     card_loop: CardLoop
+    metrics: Metrics
+
+    def render_metrics(self) -> str:
+        journal = journal_gauges(self.journal, time.time())
+        return self.metrics.render(journal, self.journal.recovery_counts())
 
     def close(self) -> None:
         for part in (self.reader, self.gateio, self.sam, self.journal):
@@ -57,15 +66,23 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
     sam: Sam = backend_class("sam", config.sam.backend).from_config(config)
     gateio: GateIO = backend_class("gateio", config.gateio.backend).from_config(config)
     reader: Reader = backend_class("reader", config.reader.backend).from_config(config)
-    journal = Journal(config.journal.path).open()
-    processor = TapProcessor(gate_config=config.gate, journal=journal, sam=sam, gate=gateio)
+    signer = devicekey.load(config.journal.device_key) if config.journal.device_key else None
+    journal = Journal(config.journal.path, signer=signer).open()
+    processor = TapProcessor(gate_config=config.gate, journal=journal, sam=sam, gate=gateio,
+                             reserve_bytes=config.journal.reserve_bytes)
+    metrics = Metrics()
+
+    def on_tap(result: TapResult, seconds: float) -> None:
+        metrics.observe_tap(result, seconds)
+        _report_tap(result, seconds)
+
     def on_state(state: ReaderState) -> None:
+        metrics.reader_up = int(state is ReaderState.READY)
         if notifier is not None:
             notifier.status(f"reader {reader.name}: {state.value}")
 
-    card_loop = CardLoop(reader=reader, processor=processor, on_tap=_report_tap,
-                         on_state=on_state)
-    return Gate(config, journal, reader, sam, gateio, processor, card_loop)
+    card_loop = CardLoop(reader=reader, processor=processor, on_tap=on_tap, on_state=on_state)
+    return Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics)
 
 
 async def _until_ready(gate: Gate, stop: asyncio.Event) -> bool:
@@ -92,6 +109,22 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
                            max_staleness_s=gate.config.service.watchdog_staleness_s)
 
     tasks: dict[str, Any] = {"card-loop": card_loop, "watchdog": watchdog}
+    address = gate.config.metrics.address()
+    if address is not None:
+        async def metrics_http() -> None:
+            await serve_http(address[0], address[1], gate.render_metrics, stop)
+
+        tasks["metrics-http"] = metrics_http
+    textfile_dir = gate.config.metrics.textfile_dir
+    if textfile_dir is not None:
+        async def metrics_textfile() -> None:
+            while not stop.is_set():
+                text = await asyncio.to_thread(gate.render_metrics)
+                await asyncio.to_thread(write_textfile, textfile_dir, text)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), gate.config.metrics.interval_s)
+
+        tasks["metrics-textfile"] = metrics_textfile
     running = [asyncio.create_task(supervise(name, body, stop), name=name)
                for name, body in tasks.items()]
     try:

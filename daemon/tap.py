@@ -42,8 +42,10 @@ log = logging.getLogger("tapgate.tap")
 
 class TapProcessor:
     def __init__(self, *, gate_config: GateConfig, journal: Journal, sam: Sam, gate: GateIO,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, reserve_bytes: int = 0) -> None:
         self._cfg = gate_config
+        self._reserve = reserve_bytes
+        self.out_of_service = ""  # why no debit can start now ("" when in service)
         self._journal = journal
         self._sam = sam
         self._gate = gate
@@ -74,6 +76,11 @@ class TapProcessor:
 
     # -- the tap -----------------------------------------------------------------------
     def handle(self, link: CardLink) -> TapResult:
+        if self._reserve and self._journal.free_bytes() < self._reserve:
+            # refuse before the card is touched: a debit must never start without room
+            # for its intent, its outcome and any recovery
+            self.out_of_service = "journal disk full"
+            return self._signal(TapResult(Outcome.OUT_OF_SERVICE, self.out_of_service))
         try:
             info = apdu.parse_select(link.transmit(apdu.select()))
         except CardGone as err:
@@ -90,13 +97,19 @@ class TapProcessor:
         gate is out of service."""
         try:
             self._write_owed()
-            return body()
+            result = body()
         except JournalFull as err:
             log.error("journal full: %s", err)
+            self.out_of_service = "journal full"
             return self._signal(TapResult(Outcome.OUT_OF_SERVICE, "journal full", serial))
         except JournalError as err:
             log.error("journal failed: %s", err)
+            self.out_of_service = "journal error"
             return self._signal(TapResult(Outcome.OUT_OF_SERVICE, "journal error", serial))
+        if self.out_of_service:
+            log.warning("back in service: the journal takes writes again")
+            self.out_of_service = ""
+        return result
 
     def _write_owed(self) -> None:
         while self._owed:

@@ -18,6 +18,7 @@ from daemon.journal.entry import (
     REFUSED,
 )
 from daemon.outcome import Outcome
+from daemon.tap import TapProcessor
 from hal.card.model import Fault, FaultKind, VirtualPurse
 from hal.gate.base import Signal
 from tests.helpers import (
@@ -396,5 +397,31 @@ def test_disk_full_after_the_card_debited(tmp_path: Path, disk: TinyDisk) -> Non
         assert card.balance == 4750 and len(card.history) == 1
         assert_ledger([card, other], rig.journal)
         assert journal_problems(rig.journal) == []
+    finally:
+        rig.close()
+
+
+def test_below_the_disk_reserve_no_debit_starts_and_service_resumes(
+        tmp_path: Path, disk: TinyDisk) -> None:
+    """With less free disk than journal.reserve_bytes the card is not even selected;
+    when space comes back the gate takes debits again by itself."""
+    rig = Rig(disk.path)
+    try:
+        rig.processor = TapProcessor(gate_config=rig.config, journal=rig.journal, sam=rig.sam,
+                                     gate=rig.gate, clock=rig.clock, reserve_bytes=256 * 1024)
+        card = rig.card(1, 5000)
+        assert rig.tap(card).outcome is Outcome.ACCEPTED
+        disk.fill()
+        result = rig.tap(card)
+        assert (result.outcome, result.reason) == (Outcome.OUT_OF_SERVICE, "journal disk full")
+        assert rig.commands == []  # the card was not touched
+        assert rig.processor.out_of_service == "journal disk full"
+        assert signals(rig)[-1] is Signal.OUT_OF_SERVICE
+        disk.free()
+        rig.clock.advance(3600)
+        result = rig.tap(card)
+        assert result.outcome is Outcome.ACCEPTED and card.balance == 4500
+        assert rig.processor.out_of_service == ""
+        assert rig.journal.verify().ok
     finally:
         rig.close()

@@ -82,6 +82,7 @@ class Entry:
     created_ms: int
     prev_hash: bytes
     hash: bytes
+    sig: bytes | None = None  # Ed25519(hash) by the gate's device key; outside the hash
 
     @property
     def is_recognised_debit(self) -> bool:

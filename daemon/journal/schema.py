@@ -11,7 +11,7 @@ from typing import Any
 
 import peewee
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class _Base(peewee.Model):
@@ -44,6 +44,7 @@ def bind(db: peewee.SqliteDatabase) -> tuple[Any, Any]:
         created_ms = peewee.BigIntegerField()
         prev_hash = peewee.BlobField()
         hash = peewee.BlobField()
+        sig = peewee.BlobField(null=True)  # Ed25519 over hash, by the gate's device key (v2)
 
         class Meta:
             database = db
@@ -61,8 +62,34 @@ def bind(db: peewee.SqliteDatabase) -> tuple[Any, Any]:
     return EntryRow, MetaRow
 
 
-def _v1(db: peewee.SqliteDatabase, models: tuple[Any, Any]) -> None:
-    db.create_tables(list(models))
+# Each migration is frozen DDL: what the schema was at that version, whatever the models
+# say today, so an old journal and a new one end up with the same tables.
+_V1 = (
+    'CREATE TABLE "entry" ("id" INTEGER NOT NULL PRIMARY KEY, "uuid" VARCHAR(32) NOT NULL, '
+    '"kind" VARCHAR(16) NOT NULL, "state" VARCHAR(16) NOT NULL, "terminal_id" BLOB NOT NULL, '
+    '"amount" INTEGER NOT NULL, "reason" TEXT, "card_serial" BLOB, "card_type" INTEGER, '
+    '"balance_before" INTEGER, "balance_after" INTEGER, "card_counter" INTEGER, '
+    '"card_random" BLOB, "terminal_seq" INTEGER, "tx_date" VARCHAR(8), "tx_time" VARCHAR(6), '
+    '"mac2" BLOB, "tac" BLOB, "ref" INTEGER, "created_ms" INTEGER NOT NULL, '
+    '"prev_hash" BLOB NOT NULL, "hash" BLOB NOT NULL)',
+    'CREATE UNIQUE INDEX "entryrow_uuid" ON "entry" ("uuid")',
+    'CREATE INDEX "entryrow_ref" ON "entry" ("ref")',
+    'CREATE INDEX "entryrow_card_serial_id" ON "entry" ("card_serial", "id")',
+    'CREATE TABLE "meta" ("key" VARCHAR(255) NOT NULL PRIMARY KEY, "value" TEXT NOT NULL)',
+)
+_V2 = ('ALTER TABLE "entry" ADD COLUMN "sig" BLOB',)
 
 
-MIGRATIONS: dict[int, Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]] = {1: _v1}
+def _ddl(*statements: str) -> Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]:
+    def migrate(db: peewee.SqliteDatabase, models: tuple[Any, Any]) -> None:
+        del models
+        for statement in statements:
+            db.execute_sql(statement)  # type: ignore[no-untyped-call]
+
+    return migrate
+
+
+MIGRATIONS: dict[int, Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]] = {
+    1: _ddl(*_V1),
+    2: _ddl(*_V2),
+}

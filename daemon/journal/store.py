@@ -8,8 +8,10 @@ survives a crash or a power cut.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import peewee
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from daemon.errors import JournalError, JournalFull
 from daemon.journal import schema
@@ -47,6 +51,8 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 class VerifyReport:
     entries: int = 0
     problems: list[str] = field(default_factory=list)
+    signed: int = 0  # entries whose signature the device's public key confirmed
+    unsigned: int = 0  # entries written before the gate had a device key
 
     @property
     def ok(self) -> bool:
@@ -74,9 +80,11 @@ def _wrap(err: Exception, doing: str) -> JournalError:
 
 
 class Journal:
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
+                 signer: Ed25519PrivateKey | None = None) -> None:
         self.path = Path(path)
         self._clock = clock
+        self._signer = signer
         self._lock = threading.Lock()  # one writer: appends are serialised here
         self._db = peewee.SqliteDatabase(
             str(self.path),
@@ -174,7 +182,9 @@ class Journal:
                 hash=b"",
             )
             entry = Entry(**values)
-            entry = Entry(**{**values, "hash": chain_hash(entry.to_json())})
+            digest = chain_hash(entry.to_json())
+            sig = self._signer.sign(digest) if self._signer is not None else None
+            entry = Entry(**{**values, "hash": digest, "sig": sig})
             try:
                 with self._db.atomic():
                     self._sql(_INSERT, [getattr(entry, name) for name in ENTRY_FIELDS])
@@ -252,13 +262,37 @@ class Journal:
     def count(self) -> int:
         return int(self._row.select().count())
 
+    def free_bytes(self) -> int:
+        """Free space on the journal's filesystem, as an unprivileged writer sees it."""
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def size_bytes(self) -> int:
+        """The database file and its WAL, as they are on disk now."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
+
+    def recovery_counts(self) -> dict[str, int]:
+        """How the tears were settled: recovered / not_debited / uncertain -> count."""
+        rows = self._sql(f"SELECT state, COUNT(*) FROM entry WHERE kind = '{KIND_RECOVERY}' "
+                         "GROUP BY state").fetchall()
+        return {str(state): int(n) for state, n in rows}
+
+    def oldest_created_ms(self) -> int | None:
+        row = self._sql("SELECT created_ms FROM entry ORDER BY id LIMIT 1").fetchone()
+        return int(row[0]) if row else None
+
     @property
     def tail_id(self) -> int:
         return self._tail_id
 
     # -- checking ----------------------------------------------------------------------
-    def verify(self) -> VerifyReport:
-        """Check SQLite's quick_check and the hash chain from the first entry kept."""
+    def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
+        """Check SQLite's quick_check, the hash chain from the first entry kept and, given
+        the device's public key, every entry's signature."""
         report = VerifyReport()
         try:
             rows = self._sql("PRAGMA quick_check").fetchall()
@@ -278,6 +312,16 @@ class Journal:
                         "anchor: entries before it are missing")
                 if chain_hash(entry.to_json()) != entry.hash:
                     report.problems.append(f"entry {entry.id}: hash does not match its content")
+                if public_key is not None:
+                    if entry.sig is None:
+                        report.unsigned += 1
+                    else:
+                        try:
+                            public_key.verify(entry.sig, entry.hash)
+                            report.signed += 1
+                        except InvalidSignature:
+                            report.problems.append(
+                                f"entry {entry.id}: signature is not the device key's")
                 if prev is not None and entry.prev_hash != prev.hash:
                     report.problems.append(f"entry {entry.id}: prev_hash breaks the chain")
                 if prev is not None and entry.id != prev.id + 1:
