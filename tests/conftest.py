@@ -1,4 +1,30 @@
 """Shared fixtures; real components (pcscd + vpcd, mosquitto, dbus-daemon) live in
 tests/fixtures/ and are started by the suite itself."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Rig, TinyDisk, tiny_disk
+
 pytest_plugins = ["tests.fixtures.pcsc", "tests.fixtures.mosquitto"]
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    """One gate on the simulator with a journal in tmp_path (tests.helpers.Rig)."""
+    rig = Rig(tmp_path)
+    yield rig
+    rig.close()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[TinyDisk]:
+    """A 1 MiB tmpfs the test can fill to the last byte (needs root to mount)."""
+    with tiny_disk(tmp_path / "disk") as mounted:
+        if mounted is None:
+            pytest.skip("mounting a tmpfs needs root")
+        yield mounted

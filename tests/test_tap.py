@@ -4,7 +4,6 @@ exact journal entries, the gate opened exactly when the passenger paid."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,26 +34,10 @@ from tests.helpers import (
     gate_config,
     journal_problems,
     states,
-    tiny_disk,
     unfill_journal,
 )
 
 SELECT_INIT_DEBIT = [INS_SELECT, INS_INITIALIZE, INS_DEBIT]
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path)
-    yield rig
-    rig.close()
-
-
-@pytest.fixture
-def disk(tmp_path: Path) -> Iterator[TinyDisk]:
-    with tiny_disk(tmp_path / "disk") as mounted:
-        if mounted is None:
-            pytest.skip("mounting a tmpfs needs root")
-        yield mounted
 
 
 def signals(rig: Rig) -> list[Signal | None]:

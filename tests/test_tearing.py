@@ -4,7 +4,6 @@ says so, and the TAC the journal keeps is the card's."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,26 +36,10 @@ from tests.helpers import (
     journal_problems,
     ledger,
     states,
-    tiny_disk,
 )
 
 TEARS = [FaultKind.TEAR_BEFORE, FaultKind.TEAR_AFTER]
 RECOVER = [INS_SELECT, INS_READ_RECORD, INS_PROOF]  # what a recovery of a debited card sends
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path)
-    yield rig
-    rig.close()
-
-
-@pytest.fixture
-def disk(tmp_path: Path) -> Iterator[TinyDisk]:
-    with tiny_disk(tmp_path / "disk") as mounted:
-        if mounted is None:
-            pytest.skip("mounting a tmpfs needs root")
-        yield mounted
 
 
 def debited(kind: FaultKind) -> bool:
