@@ -1,0 +1,154 @@
+"""`tapgate-headend run`: take the gates' batches off the shared subscription, store them,
+then acknowledge them.
+
+The order is the whole point: commit the batch, then publish the application ack (to the
+batch's Response Topic, with its Correlation Data, QoS 1), then PUBACK the batch to the
+broker (manual ack). A head-end that dies anywhere before the ack leaves the batch
+unacknowledged; the gate sends it again and the store's dedupe makes that harmless.
+
+paho's network thread only queues messages; one worker (the caller's thread) stores and
+acknowledges them in arrival order, so a slow database never stalls keepalives. The
+queue is bounded by the Receive Maximum the head-end announces: the broker holds the rest.
+Several instances on ``$share/headend/...`` split the gates' batches between them; they
+must share one database (the chain of a gate spans the batches every instance gets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from daemon.sync import contract
+from headend.mqtt import Broker, connect_properties, new_client, publish_properties
+from headend.store import Store, StoreError
+from headend.verify import Verifier
+
+log = logging.getLogger("tapgate.headend")
+
+RECEIVE_MAXIMUM = 64  # batches in flight to one instance, unacked
+
+
+class Consumer:
+    def __init__(self, *, store: Store, verifier: Verifier, broker: Broker, client_id: str,
+                 subscription: str = contract.HEADEND_SHARE,
+                 crash_after_store: int | None = None) -> None:
+        self.store = store
+        self.verifier = verifier
+        self.broker = broker
+        self.client_id = client_id
+        self.subscription = subscription
+        # TEST HOOK ONLY (--test-crash-after-store): SIGKILL this process right after the
+        # N-th batch is committed and before it is acknowledged.
+        self._crash_after_store = crash_after_store
+        self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.batches = 0
+        self.entries = 0
+
+    # -- paho's thread -----------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            log.error("%s refused the connection: %s", self.broker, reason)
+            return
+        log.info("connected to %s as %s", self.broker, self.client_id)
+        client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reasons: list[ReasonCode], properties: Any) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("subscription to %s refused: %s", self.subscription,
+                      ", ".join(str(r) for r in reasons))
+            return
+        log.info("ready: subscribed to %s", self.subscription)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason: ReasonCode, properties: Any) -> None:
+        if reason.is_failure or reason.value != 0:
+            log.warning("disconnected from %s: %s; reconnecting", self.broker, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.put(msg)
+
+    # -- the worker --------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set; then disconnect. Batches not yet acknowledged
+        stay with their gates, which send them again."""
+        client = new_client(self.broker, self.client_id, manual_ack=True)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive,
+                             clean_start=True,
+                             properties=connect_properties(receive_maximum=RECEIVE_MAXIMUM))
+        client.loop_start()
+        try:
+            while not stop.is_set():
+                try:
+                    msg = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self.handle(client, msg)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+            log.info("stopped: %d batches, %d new entries stored", self.batches, self.entries)
+
+    def handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._handle(client, msg)
+        except StoreError as err:
+            # Not acknowledged: the gate sends the batch again later.
+            log.error("%s", err)
+        finally:
+            client.ack(msg.mid, msg.qos)
+
+    def _handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        levels = msg.topic.split("/")
+        gate = levels[2] if len(levels) == 4 else msg.topic
+        props = msg.properties
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        try:
+            batch = contract.Batch.decode(bytes(msg.payload))
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("message on %s is not a batch (%s): kept aside, not acknowledged",
+                        msg.topic, err)
+            self.store.reject_payload(gate=gate, payload=bytes(msg.payload),
+                                      why=f"not a batch: {err}", stored_by=self.client_id)
+            return
+        notes = []
+        if batch.gate != gate:
+            notes.append(f"the batch says gate {batch.gate} but came on the topic of {gate}")
+        stored = self.store.store_batch(gate=gate, batch_id=batch.batch_id,
+                                        entries=batch.entries, verifier=self.verifier,
+                                        stored_by=self.client_id, notes=notes)
+        self.batches += 1
+        self.entries += stored.new
+        log.info("batch %s of %s: %d new, %d already stored, %d rejected, %d suspect",
+                 batch.batch_id, gate, stored.new, stored.duplicates, stored.rejected,
+                 len(stored.problems))
+        if self._crash_after_store is not None and self.batches >= self._crash_after_store:
+            log.warning("test hook: killed after storing batch %s, before its ack",
+                        batch.batch_id)
+            os.kill(os.getpid(), signal.SIGKILL)
+        ack = contract.Ack(batch_id=batch.batch_id, stored=stored.stored,
+                           problems=stored.problems)
+        if not response or not response.startswith(contract.topic(gate, "")) or any(
+                c in response for c in "+#"):
+            # Answers go only under the gate's own topics (by contract its ack topic): a
+            # batch must not make the head-end publish on another gate's topics.
+            if response:
+                log.warning("batch %s of %s asks for its ack on %s: sent to %s instead",
+                            batch.batch_id, gate, response, contract.ack_topic(gate))
+            response = contract.ack_topic(gate)
+        client.publish(response, ack.encode(), qos=1, properties=publish_properties(
+            correlation=correlation if correlation else batch.batch_id.encode()))

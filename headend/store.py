@@ -1,0 +1,477 @@
+"""The head-end's store: every gate's entries, once each, with the verdicts on them.
+
+peewee over SQLite (``sqlite:///path``, WAL, synchronous=FULL, BEGIN IMMEDIATE) or
+PostgreSQL (``postgresql://...``, through playhouse.db_url). One batch is one transaction:
+
+1. the gate's row is upserted first. On PostgreSQL that row lock serialises the batches of
+   one gate across head-end instances, so the chain check of one never misses the entries
+   another is committing; SQLite's BEGIN IMMEDIATE serialises all writers anyway;
+2. entries whose uuid is already stored are duplicates (a resend): acknowledged again,
+   never stored twice. The insert itself is INSERT ... ON CONFLICT (uuid) DO NOTHING, and
+   a count that falls short (another instance stored one of them meanwhile) retries the
+   batch, which then sees them as duplicates;
+3. each new entry's chain link is checked when its predecessor (same gate, id - 1) is
+   stored, in this batch or before; otherwise it stays ``pending`` and the batch that
+   brings the predecessor settles it: entries may arrive in any order across batches;
+4. nothing is dropped: an entry without a uuid, or a uuid already stored with other
+   content, goes to the ``rejected`` table with the reason.
+
+The caller acknowledges the batch only after :meth:`Store.store_batch` returned, i.e.
+after the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import peewee
+from playhouse import db_url
+
+from daemon.errors import ConfigError, TapgateError
+from headend import verify
+from headend.verify import Parsed, Verdict, Verifier
+
+log = logging.getLogger("tapgate.headend.store")
+
+SCHEMA_VERSION = 1
+CHUNK = 500  # rows or parameters per statement, far below every database's limit
+RETRIES = 8
+
+
+class StoreError(TapgateError):
+    """The head-end's database cannot be opened, read or written."""
+
+
+def _tables(db: peewee.Database) -> tuple[Any, Any, Any, Any]:
+    """Model classes bound to ``db`` (several stores may live in one process)."""
+
+    class EntryRow(peewee.Model):
+        id = peewee.AutoField()
+        gate = peewee.CharField(max_length=64)
+        uuid = peewee.CharField(max_length=verify.MAX_UUID, unique=True)
+        entry_id = peewee.BigIntegerField(null=True)  # the gate's journal id
+        kind = peewee.CharField(max_length=32, null=True)
+        state = peewee.CharField(max_length=32, null=True)
+        prev_hash = peewee.CharField(max_length=64, null=True)
+        hash = peewee.CharField(max_length=64, null=True)
+        created_ms = peewee.BigIntegerField(null=True)
+        entry_json = peewee.TextField()  # the fields as the gate exported them
+        batch = peewee.CharField(max_length=128)  # the batch that first brought it
+        received_ms = peewee.BigIntegerField()
+        stored_by = peewee.CharField(max_length=128)  # the head-end instance
+        hash_state = peewee.CharField(max_length=16)
+        sig_state = peewee.CharField(max_length=16)
+        tac_state = peewee.CharField(max_length=16)
+        chain_state = peewee.CharField(max_length=16)
+        notes = peewee.TextField(null=True)  # JSON list: problems beyond the four checks
+        problems = peewee.TextField(null=True)  # the flag: NULL when clean, else the reasons
+
+        class Meta:
+            database = db
+            table_name = "entry"
+            indexes = ((("gate", "entry_id"), False),)
+
+    class GateRow(peewee.Model):
+        gate = peewee.CharField(max_length=64, primary_key=True)
+        entries = peewee.BigIntegerField(default=0)
+        head_id = peewee.BigIntegerField(default=0)  # the highest entry id stored
+        contiguous_through = peewee.BigIntegerField(default=0)  # ids 1..n all stored
+        pending = peewee.BigIntegerField(default=0)  # entries waiting for their predecessor
+        broken = peewee.BigIntegerField(default=0)  # links that do not hold
+        first_seen_ms = peewee.BigIntegerField()
+        last_seen_ms = peewee.BigIntegerField()
+
+        class Meta:
+            database = db
+            table_name = "gate"
+
+    class RejectedRow(peewee.Model):
+        id = peewee.AutoField()
+        gate = peewee.CharField(max_length=64)
+        batch = peewee.CharField(max_length=128)
+        uuid = peewee.CharField(max_length=verify.MAX_UUID, null=True)
+        payload = peewee.TextField()
+        why = peewee.TextField()
+        received_ms = peewee.BigIntegerField()
+        stored_by = peewee.CharField(max_length=128)
+
+        class Meta:
+            database = db
+            table_name = "rejected"
+
+    class MetaRow(peewee.Model):
+        key = peewee.CharField(max_length=64, primary_key=True)
+        value = peewee.TextField()
+
+        class Meta:
+            database = db
+            table_name = "meta"
+
+    return EntryRow, GateRow, RejectedRow, MetaRow
+
+
+def open_database(url: str) -> peewee.Database:
+    """``sqlite:///relative/path``, ``sqlite:////absolute/path`` or a PostgreSQL URL."""
+    parsed = urlparse(url)
+    try:
+        if parsed.scheme == "sqlite":
+            path = db_url.parse(url)["database"]  # type: ignore[no-untyped-call]
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # FULL: a batch is acknowledged after its commit, and the gate may then prune
+            # it; a commit that a power cut can still undo would lose it for good.
+            db: peewee.Database = db_url.connect(  # type: ignore[no-untyped-call]
+                url, lock_type="IMMEDIATE", timeout=60,
+                pragmas={"journal_mode": "wal", "synchronous": 2, "busy_timeout": 60000})
+        else:
+            db = db_url.connect(url)  # type: ignore[no-untyped-call]
+    except (RuntimeError, ValueError, peewee.ImproperlyConfigured, OSError) as err:
+        raise ConfigError("--db", url, str(err)) from err
+    return db
+
+
+@dataclass
+class Stored:
+    """What one batch did, for its ack."""
+
+    stored: list[str] = field(default_factory=list)  # uuids held now: new and known
+    problems: dict[str, str] = field(default_factory=dict)  # uuid -> why it is suspect
+    new: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+
+
+class _Raced(Exception):
+    """Another instance stored one of this batch's uuids between our read and insert."""
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _flag(reasons: Sequence[str]) -> str | None:
+    return "; ".join(reasons) or None
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.db = open_database(url)
+        self._entry, self._gate, self._rejected, self._meta = _tables(self.db)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def open(self) -> Store:
+        try:
+            self.db.connect(reuse_if_open=True)
+            with self.db.atomic():
+                self.db.create_tables([self._entry, self._gate, self._rejected, self._meta],
+                                      safe=True)
+                row = self._meta.get_or_none(self._meta.key == "schema_version")
+                if row is None:
+                    self._meta.create(key="schema_version", value=str(SCHEMA_VERSION))
+                elif int(row.value) > SCHEMA_VERSION:
+                    raise StoreError(f"{self.url} has head-end schema {row.value}; this "
+                                     f"head-end knows up to {SCHEMA_VERSION}")
+        except peewee.PeeweeException as err:
+            self.db.close()
+            raise StoreError(f"cannot open the head-end database {self.url}: {err}") from err
+        return self
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    def __enter__(self) -> Store:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------------------
+    def _execute(self, sql: str, params: Sequence[Any]) -> Any:
+        return self.db.execute_sql(  # type: ignore[no-untyped-call]
+            sql.replace("?", self.db.param), params)
+
+    def _sql(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        cursor = self._execute(sql, params)
+        return list(cursor.fetchall()) if cursor.description else []
+
+    def store_batch(self, *, gate: str, batch_id: str, entries: Iterable[object],
+                    verifier: Verifier, stored_by: str, notes: Sequence[str] = (),
+                    received_ms: int | None = None) -> Stored:
+        """Store one batch in one transaction; return once it is committed.
+
+        ``notes``: problems of the whole batch (e.g. it names another gate than its
+        topic), recorded on each of its entries.
+        """
+        now = received_ms if received_ms is not None else int(time.time() * 1000)
+        parsed: list[Parsed] = []
+        malformed: list[tuple[object, str]] = []
+        for obj in entries:
+            p = verify.parse_entry(obj)
+            if isinstance(p, str):
+                malformed.append((obj, p))
+            else:
+                parsed.append(p)
+        # Checked before the transaction, so that instances sharing the database do not
+        # verify signatures one at a time under its lock; entries already stored (a
+        # resend) are not checked again. One that another instance stores meanwhile is
+        # simply a duplicate; one that arrives here unchecked is checked in the transaction.
+        try:
+            held = set(self._known([p.uuid for p in parsed]))
+        except peewee.PeeweeException:
+            held = set()
+        verdicts = {p.uuid: verifier.verify(gate, p) for p in parsed if p.uuid not in held}
+        for attempt in range(RETRIES):
+            try:
+                with self.db.atomic():
+                    return self._store(gate, batch_id, parsed, malformed, verdicts, verifier,
+                                       list(notes), now, stored_by)
+            except _Raced:
+                log.info("batch %s of %s raced another head-end; again", batch_id, gate)
+            except peewee.OperationalError as err:  # locked past the busy timeout, link lost
+                if attempt == RETRIES - 1:
+                    raise StoreError(f"cannot store batch {batch_id} of {gate}: {err}") from err
+                log.warning("batch %s of %s: %s; again", batch_id, gate, err)
+                self.db.close()
+                time.sleep(min(0.05 * 2 ** attempt, 2.0))
+            except peewee.PeeweeException as err:
+                raise StoreError(f"cannot store batch {batch_id} of {gate}: {err}") from err
+        raise StoreError(f"batch {batch_id} of {gate} raced other head-ends {RETRIES} times")
+
+    def _store(self, gate: str, batch_id: str, parsed: list[Parsed],
+               malformed: list[tuple[object, str]], verdicts: dict[str, Verdict],
+               verifier: Verifier, notes: list[str], now: int, stored_by: str) -> Stored:
+        self._sql(_LOCK_GATE, (gate, now, now))
+        result = Stored()
+        rejects: list[dict[str, Any]] = []
+
+        def reject(uuid: str | None, payload: object, why: str) -> None:
+            text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True)
+            rejects.append(dict(gate=gate, batch=batch_id, uuid=uuid, payload=text, why=why,
+                                received_ms=now, stored_by=stored_by))
+
+        for obj, why in malformed:
+            reject(None, obj, why)
+        known = self._known([p.uuid for p in parsed])
+        new: list[Parsed] = []
+        in_batch: dict[str, Parsed] = {}
+        twice: dict[str, list[str]] = defaultdict(list)  # uuid -> notes for its first copy
+        for p in parsed:
+            first = in_batch.get(p.uuid)
+            if first is not None:
+                if first.text != p.text:
+                    why = "the uuid twice in one batch, with other content (kept aside)"
+                    reject(p.uuid, p.fields, why)
+                    twice[p.uuid].append(why)
+                    result.problems[p.uuid] = why
+                continue
+            in_batch[p.uuid] = p
+            result.stored.append(p.uuid)
+            held = known.get(p.uuid)
+            if held is None:
+                new.append(p)
+            elif held[:2] == (gate, p.text):
+                result.duplicates += 1
+                if held[2]:
+                    result.problems[p.uuid] = held[2]
+            else:
+                why = "the uuid is already stored with other content (kept aside)"
+                reject(p.uuid, p.fields, why)
+                result.problems[p.uuid] = why
+        result.rejected = len(rejects)
+        if rejects:
+            self._rejected.insert_many(rejects).execute()
+        if new:
+            for p in new:
+                if p.uuid not in verdicts:
+                    verdicts[p.uuid] = verifier.verify(gate, p)
+            self._insert_new(gate, batch_id, new, verdicts, notes, twice, now, stored_by,
+                             result)
+        return result
+
+    def _insert_new(self, gate: str, batch_id: str, new: list[Parsed],
+                    verdicts: dict[str, Verdict], notes: list[str],
+                    notes_of: dict[str, list[str]], now: int, stored_by: str,
+                    result: Stored) -> None:
+        # Candidates for each id: this batch's new entries and those stored before.
+        hashes: dict[int, list[str | None]] = defaultdict(list)
+        stored_ids: set[int] = set()
+        for p in new:
+            if p.entry_id is not None:
+                hashes[p.entry_id].append(p.hash)
+        wanted = sorted({i for p in new if p.entry_id is not None
+                         for i in (p.entry_id, p.entry_id - 1)})
+        for chunk in _chunks(wanted):
+            for entry_id, digest in self._sql(_HASHES + _in(chunk), (gate, *chunk)):
+                hashes[entry_id].append(digest)
+                stored_ids.add(entry_id)
+        rows: list[dict[str, Any]] = []
+        pending = broken = 0
+        for p in new:
+            chain = _link(p, hashes)
+            pending += chain == verify.CHAIN_PENDING
+            broken += chain == verify.CHAIN_BROKEN
+            v = verdicts[p.uuid]
+            extra = [*notes, *v.notes, *notes_of.get(p.uuid, ())]
+            if p.entry_id is not None and (p.entry_id in stored_ids
+                                           or len(hashes[p.entry_id]) > 1):
+                extra.append(f"another entry of this gate has id {p.entry_id}")
+            reasons = verify.problems(v.hash, v.sig, v.tac, chain, extra)
+            if reasons:
+                result.problems[p.uuid] = "; ".join(reasons)
+            rows.append(dict(
+                gate=gate, uuid=p.uuid, entry_id=p.entry_id, kind=p.kind, state=p.state,
+                prev_hash=p.prev_hash, hash=p.hash, created_ms=p.created_ms,
+                entry_json=p.text, batch=batch_id, received_ms=now, stored_by=stored_by,
+                hash_state=v.hash, sig_state=v.sig, tac_state=v.tac, chain_state=chain,
+                notes=json.dumps(extra) if extra else None, problems=_flag(reasons)))
+        inserted = 0
+        for chunk in _chunks(rows, CHUNK // 2):
+            inserted += self._insert_ignoring_known(chunk)
+        if inserted != len(rows):
+            raise _Raced()
+        result.new = inserted
+        resolved_pending, newly_broken = self._settle_successors(gate, new, hashes)
+        ((head, through),) = self._sql(_GATE, (gate,))
+        ids = [p.entry_id for p in new if p.entry_id is not None]
+        self._sql(_UPDATE_GATE, (inserted, pending - resolved_pending, broken + newly_broken,
+                                 max([head, *ids]), self._contiguous(gate, through), gate))
+
+    def _known(self, uuids: list[str]) -> dict[str, tuple[str, str, str | None]]:
+        """uuid -> (gate, entry JSON, problems) of those already stored."""
+        known: dict[str, tuple[str, str, str | None]] = {}
+        for chunk in _chunks(sorted(set(uuids))):
+            for uuid, g, text, problems in self._sql(_KNOWN + _in(chunk), chunk):
+                known[uuid] = (g, text, problems)
+        return known
+
+    def _insert_ignoring_known(self, rows: Sequence[dict[str, Any]]) -> int:
+        """INSERT ... ON CONFLICT (uuid) DO NOTHING, one statement for many rows; returns
+        how many went in. Written out, not built by peewee: building a 500-row insert
+        costs more than SQLite's own work on it."""
+        columns = list(rows[0])
+        names = ", ".join(f'"{c}"' for c in columns)
+        values = ", ".join([_in(columns)] * len(rows))
+        sql = f'INSERT INTO "entry" ({names}) VALUES {values} ON CONFLICT ("uuid") DO NOTHING'
+        params = [row[c] for row in rows for c in columns]
+        return int(self._execute(sql, params).rowcount)
+
+    def _settle_successors(self, gate: str, new: list[Parsed],
+                           hashes: dict[int, list[str | None]]) -> tuple[int, int]:
+        """Entries stored before that waited for one of ``new``: link them now."""
+        after = sorted({p.entry_id + 1 for p in new if p.entry_id is not None})
+        settled = broken = 0
+        for chunk in _chunks(after):
+            waiting = self._sql(_WAITING + _in(chunk), (gate, verify.CHAIN_PENDING, *chunk))
+            for row_id, entry_id, prev_hash, h, s, t, notes in waiting:
+                chain = (verify.CHAIN_LINKED if prev_hash in hashes[entry_id - 1]
+                         else verify.CHAIN_BROKEN)
+                reasons = verify.problems(h, s, t, chain, json.loads(notes) if notes else [])
+                self._sql(_SETTLE, (chain, _flag(reasons), row_id))
+                settled += 1
+                broken += chain == verify.CHAIN_BROKEN
+        return settled, broken
+
+    def _contiguous(self, gate: str, through: int) -> int:
+        """The highest n such that the gate's ids 1..n are all stored."""
+        while True:
+            ids = [i for (i,) in self._sql(_AFTER, (gate, through, CHUNK))]
+            for entry_id in ids:
+                if entry_id != through + 1:
+                    return through
+                through = entry_id
+            if len(ids) < CHUNK:
+                return through
+
+    def reject_payload(self, *, gate: str, payload: bytes, why: str, stored_by: str) -> None:
+        """Keep a message that is not a batch at all, with why."""
+        text = payload.decode("utf-8", errors="backslashreplace")
+        try:
+            with self.db.atomic():
+                self._rejected.create(gate=gate, batch="", uuid=None, payload=text, why=why,
+                                      received_ms=int(time.time() * 1000), stored_by=stored_by)
+        except peewee.PeeweeException as err:
+            raise StoreError(f"cannot keep a rejected message of {gate}: {err}") from err
+
+    # -- reading -----------------------------------------------------------------------
+    def export(self, gate: str | None = None) -> Iterator[dict[str, Any]]:
+        """The stored entries in (gate, id) order: gate, then the entry's fields exactly
+        as the gate exported them, then the head-end's verdicts under ``headend``."""
+        E = self._entry
+        query = E.select()
+        if gate is not None:
+            query = query.where(E.gate == gate)
+        query = query.order_by(E.gate, E.entry_id.asc(nulls="LAST"), E.uuid)
+        try:
+            for row in query.iterator():
+                yield {"gate": row.gate, "uuid": row.uuid, **json.loads(row.entry_json),
+                       "headend": {
+                           "batch": row.batch, "received_ms": row.received_ms,
+                           "stored_by": row.stored_by, "hash": row.hash_state,
+                           "sig": row.sig_state, "tac": row.tac_state,
+                           "chain": row.chain_state,
+                           "problems": verify.problems(
+                               row.hash_state, row.sig_state, row.tac_state, row.chain_state,
+                               json.loads(row.notes) if row.notes else [])}}
+        except peewee.PeeweeException as err:
+            raise StoreError(f"cannot read {self.url}: {err}") from err
+
+    def export_rejected(self) -> Iterator[dict[str, Any]]:
+        R = self._rejected
+        try:
+            for row in R.select().order_by(R.id).iterator():
+                yield {"gate": row.gate, "batch": row.batch, "uuid": row.uuid,
+                       "payload": row.payload, "why": row.why, "received_ms": row.received_ms,
+                       "stored_by": row.stored_by}
+        except peewee.PeeweeException as err:
+            raise StoreError(f"cannot read {self.url}: {err}") from err
+
+    def gates(self) -> list[dict[str, Any]]:
+        """The chain state of every gate."""
+        G = self._gate
+        return [dict(row) for row in G.select().order_by(G.gate).dicts()]
+
+
+# The statements of every batch, written out once: peewee's query building costs more per
+# batch than the database's own work. Standard SQL for SQLite and PostgreSQL alike; "?"
+# becomes the driver's placeholder.
+_LOCK_GATE = (
+    'INSERT INTO "gate" ("gate", "entries", "head_id", "contiguous_through", "pending", '
+    '"broken", "first_seen_ms", "last_seen_ms") VALUES (?, 0, 0, 0, 0, 0, ?, ?) '
+    'ON CONFLICT ("gate") DO UPDATE SET "last_seen_ms" = EXCLUDED."last_seen_ms"')
+_KNOWN = 'SELECT "uuid", "gate", "entry_json", "problems" FROM "entry" WHERE "uuid" IN '
+_HASHES = 'SELECT "entry_id", "hash" FROM "entry" WHERE "gate" = ? AND "entry_id" IN '
+_WAITING = ('SELECT "id", "entry_id", "prev_hash", "hash_state", "sig_state", "tac_state", '
+            '"notes" FROM "entry" WHERE "gate" = ? AND "chain_state" = ? AND "entry_id" IN ')
+_SETTLE = 'UPDATE "entry" SET "chain_state" = ?, "problems" = ? WHERE "id" = ?'
+_GATE = 'SELECT "head_id", "contiguous_through" FROM "gate" WHERE "gate" = ?'
+_AFTER = ('SELECT DISTINCT "entry_id" FROM "entry" WHERE "gate" = ? AND "entry_id" > ? '
+          'ORDER BY "entry_id" LIMIT ?')
+_UPDATE_GATE = (
+    'UPDATE "gate" SET "entries" = "entries" + ?, "pending" = "pending" + ?, '
+    '"broken" = "broken" + ?, "head_id" = ?, "contiguous_through" = ? WHERE "gate" = ?')
+
+
+def _in(values: Sequence[Any]) -> str:
+    return "(" + ", ".join("?" * len(values)) + ")"
+
+
+def _link(p: Parsed, hashes: dict[int, list[str | None]]) -> str:
+    if p.entry_id is None or p.prev_hash is None:
+        return verify.CHAIN_UNPLACED
+    if p.entry_id == 1:
+        return verify.CHAIN_LINKED if p.prev_hash == verify.GENESIS_HEX else verify.CHAIN_BROKEN
+    candidates = hashes.get(p.entry_id - 1)
+    if not candidates:
+        return verify.CHAIN_PENDING
+    return verify.CHAIN_LINKED if p.prev_hash in candidates else verify.CHAIN_BROKEN

@@ -1,0 +1,213 @@
+"""What the head-end checks in each entry, on the JSON form the gate exported.
+
+* the hash: :func:`daemon.journal.entry.chain_hash` recomputed from the fields;
+* the signature: Ed25519 over the hash, by the gate's device key, when the key is known;
+* the TAC of each recognised debit (debit/completed, recovery/recovered): recomputed
+  with the back office's K_master_tac, it proves the card itself made the debit;
+* the chain (prev_hash = the hash of the gate's previous entry) needs the other entries,
+  so it is checked in :mod:`headend.store`; the words for its verdict live here.
+
+Nothing here rejects an entry: every check gives a verdict and, when it fails, a reason
+the store keeps beside the entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from daemon.journal.entry import (
+    COMPLETED,
+    GENESIS,
+    KIND_DEBIT,
+    KIND_RECOVERY,
+    RECOVERED,
+    chain_hash,
+)
+from daemon.purse.crypto import Purchase, card_tac_key
+from daemon.sync.contract import canonical
+
+MAX_UUID = 64
+CARD_KEY_CACHE = 100_000  # derived K_card_tac kept, so a card's next debit costs one CMAC
+
+HASH_OK, HASH_MISMATCH, HASH_MALFORMED = "ok", "mismatch", "malformed"
+SIG_OK, SIG_BAD, SIG_UNSIGNED, SIG_NO_KEY = "ok", "bad", "unsigned", "no key"
+TAC_OK, TAC_BAD, TAC_INCOMPLETE, TAC_UNCHECKED, TAC_NOT_A_DEBIT = (
+    "ok", "bad", "incomplete", "unchecked", "not a debit")
+CHAIN_LINKED, CHAIN_BROKEN, CHAIN_PENDING, CHAIN_UNPLACED = (
+    "linked", "broken", "pending", "unplaced")
+
+GENESIS_HEX = GENESIS.hex().upper()
+
+_PROBLEMS = {
+    ("hash", HASH_MISMATCH): "hash does not match the entry's content",
+    ("hash", HASH_MALFORMED): "hash is missing or not 32 bytes of hex",
+    ("sig", SIG_BAD): "signature is not the gate's device key's",
+    ("sig", SIG_UNSIGNED): "unsigned, though the gate's device key is known",
+    ("tac", TAC_BAD): "TAC is not the card's: the card did not make this debit",
+    ("chain", CHAIN_BROKEN): "prev_hash is not the hash of the gate's previous entry",
+    ("chain", CHAIN_UNPLACED): "no valid id or prev_hash: cannot be placed in the chain",
+}
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _hex(fields: Mapping[str, Any], name: str, size: int) -> bytes:
+    value = fields.get(name)
+    if not isinstance(value, str):
+        raise _Bad(f"{name} missing")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError as err:
+        raise _Bad(f"{name} is not hex") from err
+    if len(raw) != size:
+        raise _Bad(f"{name} is {len(raw)} bytes, not {size}")
+    return raw
+
+
+def _uint(fields: Mapping[str, Any], name: str, bits: int) -> int:
+    value = fields.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
+        raise _Bad(f"{name} missing or out of range")
+    return value
+
+
+def _hash_hex(fields: Mapping[str, Any], name: str) -> str | None:
+    try:
+        return _hex(fields, name, 32).hex().upper()
+    except _Bad:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """One entry of a batch, with what the store indexes pulled out of it."""
+
+    uuid: str
+    fields: dict[str, Any]  # exactly as the gate exported them
+    text: str  # the fields as canonical JSON: what the store keeps and export prints
+    entry_id: int | None  # the gate's journal id: the entry's place in the chain
+    prev_hash: str | None  # uppercase hex, None when malformed
+    hash: str | None
+    kind: str | None
+    state: str | None
+    created_ms: int | None
+
+
+def parse_entry(obj: object) -> Parsed | str:
+    """The entry, or why it cannot be stored as one (no uuid: it could not be deduped,
+    nor named in an ack)."""
+    if not isinstance(obj, dict):
+        return "an entry is not a JSON object"
+    # sync_state is the gate's own bookkeeping at export time, not part of the entry
+    fields = {str(k): v for k, v in obj.items() if k != "sync_state"}
+    uuid = fields.get("uuid")
+    if not isinstance(uuid, str) or not 0 < len(uuid) <= MAX_UUID:
+        return "an entry without a valid uuid"
+    entry_id = fields.get("id")
+    if not isinstance(entry_id, int) or isinstance(entry_id, bool) or entry_id < 1:
+        entry_id = None
+    created = fields.get("created_ms")
+    kind, state = fields.get("kind"), fields.get("state")
+    return Parsed(
+        uuid=uuid, fields=fields, text=canonical(fields).decode("ascii"), entry_id=entry_id,
+        prev_hash=_hash_hex(fields, "prev_hash"), hash=_hash_hex(fields, "hash"),
+        kind=kind if isinstance(kind, str) else None,
+        state=state if isinstance(state, str) else None,
+        created_ms=created if isinstance(created, int) and not isinstance(created, bool)
+        else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The checks that need only the entry itself."""
+
+    hash: str
+    sig: str
+    tac: str
+    notes: tuple[str, ...] = ()
+
+
+def problems(hash_state: str, sig: str, tac: str, chain: str, notes: Sequence[str]) -> list[str]:
+    """Every reason to suspect an entry, in words, from its verdicts."""
+    found = [_PROBLEMS[(what, state)] for what, state in
+             (("hash", hash_state), ("sig", sig), ("tac", tac), ("chain", chain))
+             if (what, state) in _PROBLEMS]
+    return found + list(notes)
+
+
+class Verifier:
+    """The back office's keys, applied to one entry at a time."""
+
+    def __init__(self, *, tac_master_key: bytes | None = None,
+                 gate_keys: Mapping[str, Sequence[Ed25519PublicKey]] | None = None) -> None:
+        self._tac_master_key = tac_master_key
+        self._gate_keys = dict(gate_keys or {})
+        self._card_keys: dict[bytes, bytes] = {}  # serial -> K_card_tac, derived once
+
+    def verify(self, gate: str, entry: Parsed) -> Verdict:
+        notes: list[str] = []
+        hash_state = self._hash(entry.fields)
+        sig = self._sig(gate, entry.fields)
+        tac, why = self._tac(entry.fields)
+        if why:
+            notes.append(why)
+        return Verdict(hash=hash_state, sig=sig, tac=tac, notes=tuple(notes))
+
+    @staticmethod
+    def _hash(fields: Mapping[str, Any]) -> str:
+        try:
+            claimed = _hex(fields, "hash", 32)
+        except _Bad:
+            return HASH_MALFORMED
+        return HASH_OK if chain_hash(dict(fields)) == claimed else HASH_MISMATCH
+
+    def _sig(self, gate: str, fields: Mapping[str, Any]) -> str:
+        keys = self._gate_keys.get(gate)
+        if not keys:
+            return SIG_NO_KEY
+        if fields.get("sig") is None:
+            return SIG_UNSIGNED
+        try:
+            sig, digest = _hex(fields, "sig", 64), _hex(fields, "hash", 32)
+        except _Bad:
+            return SIG_BAD
+        for key in keys:  # several during a rotation
+            try:
+                key.verify(sig, digest)
+                return SIG_OK
+            except InvalidSignature:
+                continue
+        return SIG_BAD
+
+    def _tac(self, fields: Mapping[str, Any]) -> tuple[str, str]:
+        if (fields.get("kind"), fields.get("state")) not in (
+                (KIND_DEBIT, COMPLETED), (KIND_RECOVERY, RECOVERED)):
+            return TAC_NOT_A_DEBIT, ""
+        if self._tac_master_key is None:
+            return TAC_UNCHECKED, ""
+        try:
+            serial = _hex(fields, "card_serial", 8)
+            purchase = Purchase(
+                card_random=_hex(fields, "card_random", 4),
+                counter=_uint(fields, "card_counter", 16),
+                terminal_seq=_uint(fields, "terminal_seq", 32),
+                amount=_uint(fields, "amount", 32),
+                terminal_id=_hex(fields, "terminal_id", 6),
+                date=_hex(fields, "tx_date", 4),
+                time=_hex(fields, "tx_time", 3))
+            tac = _hex(fields, "tac", 4)
+        except _Bad as err:
+            return TAC_INCOMPLETE, f"a recognised debit whose TAC cannot be checked: {err}"
+        key = self._card_keys.get(serial)
+        if key is None:
+            if len(self._card_keys) >= CARD_KEY_CACHE:
+                self._card_keys.clear()
+            key = self._card_keys[serial] = card_tac_key(self._tac_master_key, serial)
+        return (TAC_OK if purchase.tac(key) == tac else TAC_BAD), ""
