@@ -60,8 +60,8 @@ from hal.reader.pcsc import PcscReader
 pytestmark = pytest.mark.pcsc
 
 DEADLINE_S = 60.0  # the most any one step may take on a busy shared machine
-# vpcd gives pcscd two readers; TAPGATE_VPCD_SLOT=1 runs these tests on the second one
-# ("Virtual PCD 00 01", port 35964), out of the way of another run on the first.
+# vpcd gives pcscd two readers: these tests use the first ("Virtual PCD 00 00", port 35963;
+# tests/test_crash.py has the second). TAPGATE_VPCD_SLOT=1 moves them to the second.
 SLOT = int(os.environ.get("TAPGATE_VPCD_SLOT", "0"))
 READER = VPCD_READER if SLOT == 0 else f"Virtual PCD 00 {SLOT:02d}"
 PORT = VPCD_PORT + SLOT
@@ -254,7 +254,7 @@ def gate(request: pytest.FixtureRequest, pcscd: Pcscd, reader_lock: None,
 @pytest.fixture
 def present(gate: E2EGate,
             vpcd_card: Callable[..., VpcdCard]) -> Callable[[VirtualPurse], VpcdCard]:
-    """A TGP1 card → the same card on vpcd (``Virtual PCD 00 00``), not yet inserted."""
+    """A TGP1 card → the same card on the vpcd reader under test, not yet inserted."""
 
     def make(card: VirtualPurse) -> VpcdCard:
         return vpcd_card(card, port=PORT)
