@@ -51,6 +51,9 @@ class CardLoop:
             link = self._reader.wait_for_card(WAIT_SLICE_S)
             if link is None:
                 continue
+            if stop.is_set():  # stopping: no tap may start after STOPPING=1
+                link.release()
+                break
             started = time.perf_counter()
             try:
                 result = self._processor.handle(link)

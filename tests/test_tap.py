@@ -408,3 +408,13 @@ def test_below_the_disk_reserve_no_debit_starts_and_service_resumes(
         assert rig.journal.verify().ok
     finally:
         rig.close()
+
+
+def test_a_demo_card_keeps_a_bounded_history_and_a_whole_log(rig: Rig) -> None:
+    card = rig.card(1, 100_000)
+    card.history_limit = 12
+    for _ in range(15):
+        assert rig.tap(card).outcome is Outcome.ACCEPTED
+        rig.clock.advance(3600)
+    assert len(card.history) == 12 and card.counter == 15
+    assert [r.counter_before for r in card.log] == list(range(14, 4, -1))

@@ -103,6 +103,7 @@ class VirtualPurse:
     random: Callable[[int], bytes] = field(default=os.urandom, repr=False)
     today: Callable[[], dt.date] = field(default=dt.date.today, repr=False)
     history: list[DebitRecord] = field(default_factory=list, repr=False)
+    history_limit: int = 0  # keep only this many debits in memory (0: all; tests need all)
     faults: deque[Fault] = field(default_factory=deque, repr=False)
 
     def __post_init__(self) -> None:
@@ -247,6 +248,8 @@ class VirtualPurse:
                         seq, date, time, mac2, tac)
         )
         self.counter = (self.counter + 1) & 0xFFFF
+        if self.history_limit and len(self.history) > self.history_limit:
+            del self.history[: len(self.history) - self.history_limit]
         return tac + mac2 + SW_OK
 
     def _proof(self, apdu: bytes) -> bytes:

@@ -12,6 +12,7 @@ import random
 import threading
 
 from daemon.config import Config
+from daemon.purse.apdu import LOG_RECORDS
 from hal.card.model import Fault, FaultKind, VirtualPurse
 from hal.reader.sim import SimReader
 from hal.sam.software import read_key_file
@@ -47,6 +48,7 @@ class DemoRider:
                 card_type=0x02 if n % 5 == 4 else 0x01,
                 status=0x01 if n == 3 else 0x00,  # one blocked card in circulation
                 expiry=dt.date(2020, 1, 31) if n == 6 else dt.date(2031, 12, 31),
+                history_limit=2 * LOG_RECORDS,  # a demo that runs for weeks stays small
             ))
         return cls(reader, cards, interval_s=config.reader.sim_interval_s,
                    tear_rate=config.reader.sim_tear_rate)
