@@ -34,6 +34,11 @@ class GateConfig:
     def fare_for(self, card_type: int) -> int | None:
         return self.fares.get(card_type)
 
+    @property
+    def gate_id(self) -> str:
+        """The gate's name on the wire (MQTT topics, client id): its terminal id in hex."""
+        return self.terminal_id.hex().upper()
+
 
 @dataclass(frozen=True, slots=True)
 class ReaderConfig:
@@ -92,6 +97,37 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """The uplink to the head-end; no host: no uplink (the gate runs on its own)."""
+
+    host: str = ""
+    port: int = 1883
+    client_id: str = ""  # empty: the gate id (the terminal id in uppercase hex)
+    tls: bool = False  # TLS with the system's CAs; implied by tls_ca
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None  # client certificate and its key, both or neither
+    tls_key: Path | None = None
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 86400  # the broker keeps the session (acks owed) this long
+    batch_size: int = 100  # journal entries per message on .../tx
+    window: int = 4  # batches sent and not yet acknowledged by the head-end
+    ack_timeout_s: float = 30.0  # no ack this long: resend from the journal
+    reconnect_min_s: float = 0.5  # backoff between attempts, doubling, with jitter
+    reconnect_max_s: float = 60.0
+    status_interval_s: float = 60.0  # retained telemetry on .../status
+    retention_days: float = 30.0  # acknowledged entries older than this are pruned
+    disk_alarm_pct: float = 90.0  # the journal's disk fuller than this: alarm in the status
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
 
@@ -106,6 +142,7 @@ class Config:
     log: LogConfig
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     source: Path | None = None
 
 
@@ -153,6 +190,31 @@ class _Section:
             raise ConfigError(self.key(key), value, f"must be between {low} and {high}")
         return value
 
+    def optional_string(self, key: str) -> str:
+        """A string that may be left out or empty (meaning: not set)."""
+        value = self._get(key)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(self.key(key), value, "must be a string")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(key), value, "must be true or false")
+        return value
+
+    def path(self, key: str) -> Path | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(key), value, "must be a non-empty path")
+        return Path(value)
+
     def hexbytes(self, key: str, size: int, default: bytes | None) -> bytes | None:
         value = self._get(key)
         if value is None:
@@ -198,8 +260,46 @@ def _backend(section: _Section, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _mqtt(m: _Section) -> MqttConfig:
+    host = m.optional_string("host")  # "" (or no key): no uplink
+    if host and not re.fullmatch(r"[\w.\-:\[\]]+", host):
+        raise ConfigError("mqtt.host", host, "must be a host name or an IP address")
+    client_id = m.optional_string("client_id")
+    if client_id and not re.fullmatch(r"[\w.\-:]{1,64}", client_id):
+        raise ConfigError("mqtt.client_id", client_id,
+                          "must be 1 to 64 letters, digits, '_', '-', '.' or ':'")
+    cert, key = m.path("tls_cert"), m.path("tls_key")
+    if (cert is None) != (key is None):
+        raise ConfigError("mqtt.tls_cert" if key is None else "mqtt.tls_key",
+                          str(cert or key), "set both mqtt.tls_cert and mqtt.tls_key, or neither")
+    reconnect_min = m.number("reconnect_min_s", 0.5, low=0.01, high=3600)
+    reconnect_max = m.number("reconnect_max_s", 60.0, low=0.01, high=86400)
+    if reconnect_max < reconnect_min:
+        raise ConfigError("mqtt.reconnect_max_s", reconnect_max,
+                          f"must not be below mqtt.reconnect_min_s ({reconnect_min:g})")
+    return MqttConfig(
+        host=host,
+        port=m.integer("port", 1883, low=1, high=65535),
+        client_id=client_id,
+        tls=m.boolean("tls", False),
+        tls_ca=m.path("tls_ca"),
+        tls_cert=cert,
+        tls_key=key,
+        keepalive_s=m.integer("keepalive_s", 30, low=5, high=65535),
+        session_expiry_s=m.integer("session_expiry_s", 7 * 86400, low=0, high=0xFFFFFFFF),
+        batch_size=m.integer("batch_size", 100, low=1, high=10_000),
+        window=m.integer("window", 4, low=1, high=64),
+        ack_timeout_s=m.number("ack_timeout_s", 30.0, low=0.1, high=3600),
+        reconnect_min_s=reconnect_min,
+        reconnect_max_s=reconnect_max,
+        status_interval_s=m.number("status_interval_s", 60.0, low=0.1, high=86400),
+        retention_days=m.number("retention_days", 30.0, low=0.001, high=3660),
+        disk_alarm_pct=m.number("disk_alarm_pct", 90.0, low=1, high=100),
+    )
+
+
 def validate(raw: Raw, source: Path | None = None) -> Config:
-    known = {"gate", "reader", "sam", "journal", "gateio", "log", "metrics", "service"}
+    known = {"gate", "reader", "sam", "journal", "gateio", "log", "metrics", "service", "mqtt"}
     for name, table in raw.items():
         if name not in known:
             raise ConfigError(name, "...", "unknown section")
@@ -267,6 +367,8 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
         watchdog_staleness_s=sv.number("watchdog_staleness_s", 20.0, low=0.5, high=3600),
         status_interval_s=sv.number("status_interval_s", 5.0, low=0.5, high=3600))
 
+    mqtt = _mqtt(sec["mqtt"])
+
     lg = sec["log"]
     level = lg.string("level", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -274,7 +376,8 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
 
     for section in sec.values():
         section.finish()
-    return Config(gate, reader, sam, journal, gateio, LogConfig(level), metrics, service, source)
+    return Config(gate, reader, sam, journal, gateio, LogConfig(level), metrics, service, mqtt,
+                  source)
 
 
 def _parse_env_value(text: str) -> Any:

@@ -54,6 +54,16 @@ class Metrics:
                 if seconds <= bound:
                     self._buckets[i] += 1
 
+    def taps(self) -> dict[str, int]:
+        """Taps so far, by outcome."""
+        with self._lock:
+            return {o.value: n for o, n in self._taps.items()}
+
+    @property
+    def tears(self) -> int:
+        with self._lock:
+            return self._tears
+
     def render(self, journal: JournalGauges | None, recoveries: dict[str, int]) -> str:
         with self._lock:
             taps = dict(self._taps)
@@ -104,13 +114,12 @@ class Metrics:
 def journal_gauges(journal: Journal, now: float) -> JournalGauges:
     """Read from the journal when scraped (any thread: the journal reads on its own
     connection per thread, and WAL lets it read beside the writer)."""
-    oldest = journal.oldest_created_ms()
+    oldest = journal.oldest_unacked_ms()
     return JournalGauges(
         entries=journal.count(),
         bytes=journal.size_bytes(),
         pending_recoveries=len(journal.pending_recoveries()),
-        # no uplink acknowledges anything yet: every entry is still owed to the head-end
-        pending_sync=journal.count(),
+        pending_sync=journal.pending_sync_count(),
         sync_lag_s=max(0.0, now - oldest / 1000) if oldest is not None else 0.0,
     )
 

@@ -8,10 +8,10 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from daemon import devicekey
+from daemon import __version__, devicekey
 from daemon.config import Config
 from daemon.journal import Journal
 from daemon.loop import CardLoop
@@ -19,11 +19,15 @@ from daemon.metrics import Metrics, journal_gauges, serve_http, write_textfile
 from daemon.notify import Notifier, run_watchdog
 from daemon.outcome import Outcome, TapResult
 from daemon.supervisor import supervise
+from daemon.sync.retention import run_retention
 from daemon.tap import TapProcessor
 from hal.gate.base import GateIO
 from hal.reader.base import Reader, ReaderState
 from hal.registry import backend_class
 from hal.sam.base import Sam
+
+if TYPE_CHECKING:
+    from daemon.sync.uplink import Uplink
 
 log = logging.getLogger("tapgate")
 tap_log = logging.getLogger("tapgate.tap")
@@ -41,10 +45,37 @@ class Gate:
     processor: TapProcessor
     card_loop: CardLoop
     metrics: Metrics
+    uplink: Uplink | None = None  # only with [mqtt] host set
+    started: float = field(default_factory=time.monotonic)
 
     def render_metrics(self) -> str:
         journal = journal_gauges(self.journal, time.time())
         return self.metrics.render(journal, self.journal.recovery_counts())
+
+    def telemetry(self) -> dict[str, Any]:
+        """What the retained status carries (read in the uplink's thread)."""
+        gauges = journal_gauges(self.journal, time.time())
+        disk = self.journal.disk_used_pct()
+        alarms: dict[str, str] = {}
+        if disk >= self.config.mqtt.disk_alarm_pct:
+            alarms["disk"] = (f"journal disk {disk:.1f}% full "
+                              f"(alarm at {self.config.mqtt.disk_alarm_pct:g}%)")
+        if self.processor.out_of_service:
+            alarms["out_of_service"] = self.processor.out_of_service
+        return {
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "taps": self.metrics.taps(),
+            "tears": self.metrics.tears,
+            "recoveries": self.journal.recovery_counts(),
+            "pending_sync": gauges.pending_sync,
+            "sync_lag_s": round(gauges.sync_lag_s, 3),
+            "pending_recoveries": gauges.pending_recoveries,
+            "reader": self.reader.state.value,
+            "journal": {"entries": gauges.entries, "bytes": gauges.bytes,
+                        "disk_used_pct": round(disk, 1)},
+            "alarms": alarms,
+        }
 
     def close(self) -> None:
         for part in (self.reader, self.gateio, self.sam, self.journal):
@@ -71,10 +102,17 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
     processor = TapProcessor(gate_config=config.gate, journal=journal, sam=sam, gate=gateio,
                              reserve_bytes=config.journal.reserve_bytes)
     metrics = Metrics()
+    uplink: Uplink | None = None
+    if config.mqtt.enabled:
+        from daemon.sync.uplink import Uplink  # paho only when there is a broker
+
+        uplink = Uplink(config=config.mqtt, gate_id=config.gate.gate_id, journal=journal)
 
     def on_tap(result: TapResult, seconds: float) -> None:
         metrics.observe_tap(result, seconds)
         _report_tap(result, seconds)
+        if uplink is not None:
+            uplink.notify()  # never waits: the uplink's own thread reads the journal
 
     def on_state(state: ReaderState) -> None:
         metrics.reader_up = int(state is ReaderState.READY)
@@ -82,7 +120,10 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
             notifier.status(f"reader {reader.name}: {state.value}")
 
     card_loop = CardLoop(reader=reader, processor=processor, on_tap=on_tap, on_state=on_state)
-    return Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics)
+    gate = Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, uplink)
+    if uplink is not None:
+        uplink.telemetry = gate.telemetry
+    return gate
 
 
 async def _until_ready(gate: Gate, stop: asyncio.Event) -> bool:
@@ -125,6 +166,16 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
                     await asyncio.wait_for(stop.wait(), gate.config.metrics.interval_s)
 
         tasks["metrics-textfile"] = metrics_textfile
+    uplink = gate.uplink
+    if uplink is not None:
+        async def sync() -> None:
+            await asyncio.to_thread(uplink.run, thread_stop)
+
+        async def retention() -> None:
+            await run_retention(gate.journal, gate.config.mqtt.retention_days, stop)
+
+        tasks["sync"] = sync
+        tasks["retention"] = retention
     running = [asyncio.create_task(supervise(name, body, stop), name=name)
                for name, body in tasks.items()]
     try:
@@ -138,6 +189,8 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
         notifier.stopping()
         log.info("stopping")
         thread_stop.set()
+        if uplink is not None:
+            uplink.notify()
         await asyncio.gather(*running, return_exceptions=True)
     finally:
         notifier.close()

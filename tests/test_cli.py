@@ -78,7 +78,9 @@ def test_journal_export(journal_config: tuple[Path, Path]) -> None:
         "debit/intent", "debit/torn", "recovery/recovered", "refusal/refused"]
     prev = GENESIS.hex().upper()
     for doc in docs:
-        assert list(doc) == list(ENTRY_FIELDS)
+        # the entry's fields, then where sync stands (outside the hash)
+        assert list(doc) == [*ENTRY_FIELDS, "sync_state"]
+        assert doc["sync_state"] == "pending"
         assert doc["prev_hash"] == prev  # the back office rechecks the chain from this
         assert chain_hash(doc).hex().upper() == doc["hash"]
         assert isinstance(doc["amount"], int)
@@ -225,8 +227,8 @@ def test_set_overrides_are_validated(tmp_path: Path) -> None:
 def test_config_check(tmp_path: Path) -> None:
     done = tapgate("config", "check", str(ROOT / "config" / "tapgate.toml"))
     assert done.returncode == 0, done.stderr
-    assert "  terminal_id = 000000A00001" in done.stdout.splitlines()
-    assert "  purchase_key = <set>" in done.stdout.splitlines()
+    assert 'terminal_id = "000000A00001"' in done.stdout.splitlines()
+    assert 'purchase_key = "<masked>"' in done.stdout.splitlines()
     assert MASTER_KEY.hex().upper() not in done.stdout.upper()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 KIND_DEBIT = "debit"
@@ -33,6 +33,11 @@ UNCERTAIN = "uncertain"
 REFUSED = "refused"
 
 GENESIS = bytes(32)
+
+# An entry's sync state, shown beside its fields in an export as "sync_state" (outside
+# the hash: it changes when the head-end acknowledges the entry; the entry does not).
+SYNC_PENDING = "pending"
+SYNC_SYNCED = "synced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +95,10 @@ class Entry:
 
     def to_json(self) -> dict[str, Any]:
         """Binary as uppercase hex, amounts as integers, absent values as null."""
-        return {k: (v.hex().upper() if isinstance(v, bytes) else v)
-                for k, v in asdict(self).items()}
+        # not dataclasses.asdict: it deep-copies every field, and the uplink calls this
+        # for every entry it sends
+        return {name: (v.hex().upper() if isinstance(v := getattr(self, name), bytes) else v)
+                for name in ENTRY_FIELDS}
 
 
 ENTRY_FIELDS = tuple(f.name for f in fields(Entry))

@@ -11,7 +11,7 @@ from typing import Any
 
 import peewee
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class _Base(peewee.Model):
@@ -45,6 +45,8 @@ def bind(db: peewee.SqliteDatabase) -> tuple[Any, Any]:
         prev_hash = peewee.BlobField()
         hash = peewee.BlobField()
         sig = peewee.BlobField(null=True)  # Ed25519 over hash, by the gate's device key (v2)
+        # when the head-end acknowledged it (v3); sync state, not part of the entry or its hash
+        acked_ms = peewee.BigIntegerField(null=True)
 
         class Meta:
             database = db
@@ -78,6 +80,12 @@ _V1 = (
     'CREATE TABLE "meta" ("key" VARCHAR(255) NOT NULL PRIMARY KEY, "value" TEXT NOT NULL)',
 )
 _V2 = ('ALTER TABLE "entry" ADD COLUMN "sig" BLOB',)
+# v3: sync state. The uplink reads the unacknowledged entries in id order through the
+# partial index, which holds only them: it stays small however long the journal grows.
+_V3 = (
+    'ALTER TABLE "entry" ADD COLUMN "acked_ms" INTEGER',
+    'CREATE INDEX "entry_unacked" ON "entry" ("id") WHERE "acked_ms" IS NULL',
+)
 
 
 def _ddl(*statements: str) -> Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]:
@@ -92,4 +100,5 @@ def _ddl(*statements: str) -> Callable[[peewee.SqliteDatabase, tuple[Any, Any]],
 MIGRATIONS: dict[int, Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]] = {
     1: _ddl(*_V1),
     2: _ddl(*_V2),
+    3: _ddl(*_V3),
 }

@@ -1,7 +1,8 @@
 """The durable local journal: SQLite through peewee, WAL, synchronous=FULL, one writer.
 
 It is the only source of truth. The card loop appends to it, sync and the operator CLI
-read it; nothing about a transaction is kept only in memory. Every append is one
+read it (sync also records the head-end's acks and prunes what is synced and old, under
+the same writer lock); nothing about a transaction is kept only in memory. Every append is one
 committed, fsynced transaction, so an entry that :meth:`Journal.append` returned
 survives a crash or a power cut.
 """
@@ -16,7 +17,7 @@ import sqlite3
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,27 +174,45 @@ class Journal:
     def append(self, draft: Draft) -> Entry:
         """Write one entry, commit it and fsync; return it as stored."""
         with self._lock:
+            return self._write([draft])[0]
+
+    def append_many(self, drafts: Iterable[Draft]) -> list[Entry]:
+        """Write several entries in one committed, fsynced transaction (imports, tests and
+        benchmarks; the card loop appends one at a time)."""
+        with self._lock:
+            return self._write(list(drafts))
+
+    def _write(self, drafts: list[Draft]) -> list[Entry]:
+        tail_id, tail_hash = self._tail_id, self._tail_hash
+        entries = []
+        for draft in drafts:
             values: dict[str, Any] = {name: getattr(draft, name) for name in draft.__slots__}
             values.update(
-                id=self._tail_id + 1,
+                id=tail_id + 1,
                 uuid=uuidlib.uuid4().hex,
                 created_ms=int(self._clock() * 1000),
-                prev_hash=self._tail_hash,
+                prev_hash=tail_hash,
                 hash=b"",
             )
-            entry = Entry(**values)
-            digest = chain_hash(entry.to_json())
+            digest = chain_hash(Entry(**values).to_json())
             sig = self._signer.sign(digest) if self._signer is not None else None
             entry = Entry(**{**values, "hash": digest, "sig": sig})
-            try:
-                with self._db.atomic():
+            entries.append(entry)
+            tail_id, tail_hash = entry.id, entry.hash
+        if not entries:
+            return entries
+        try:
+            with self._db.atomic():
+                for entry in entries:
                     self._sql(_INSERT, [getattr(entry, name) for name in ENTRY_FIELDS])
-            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
-                raise _wrap(err, f"cannot append a {entry.kind}/{entry.state} entry") from err
-            self._tail_id, self._tail_hash = entry.id, entry.hash
-            if entry.terminal_seq is not None:
-                self._max_seq = max(self._max_seq, entry.terminal_seq)
-            return entry
+        except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+            first = entries[0]
+            raise _wrap(err, f"cannot append a {first.kind}/{first.state} entry") from err
+        self._tail_id, self._tail_hash = tail_id, tail_hash
+        seqs = [e.terminal_seq for e in entries if e.terminal_seq is not None]
+        if seqs:
+            self._max_seq = max(self._max_seq, *seqs)
+        return entries
 
     # -- reading -----------------------------------------------------------------------
     def _entries(self, query: Any) -> list[Entry]:
@@ -267,6 +286,11 @@ class Journal:
         st = os.statvfs(self.path.parent)
         return st.f_bavail * st.f_frsize
 
+    def disk_used_pct(self) -> float:
+        """How full the journal's filesystem is, in percent (root's reserve counts as used)."""
+        st = os.statvfs(self.path.parent)
+        return 100.0 * (1 - st.f_bavail / st.f_blocks) if st.f_blocks else 0.0
+
     def size_bytes(self) -> int:
         """The database file and its WAL, as they are on disk now."""
         total = 0
@@ -281,13 +305,114 @@ class Journal:
                          "GROUP BY state").fetchall()
         return {str(state): int(n) for state, n in rows}
 
-    def oldest_created_ms(self) -> int | None:
-        row = self._sql("SELECT created_ms FROM entry ORDER BY id LIMIT 1").fetchone()
-        return int(row[0]) if row else None
-
     @property
     def tail_id(self) -> int:
         return self._tail_id
+
+    # -- sync state: the journal is the uplink's outbox ----------------------------------
+    def unacked(self, after_id: int = 0, limit: int = 100) -> list[Entry]:
+        """Entries the head-end has not acknowledged, in id order, after ``after_id``."""
+        return self._rows(_UNACKED, (after_id, limit))
+
+    def unacked_json(self, after_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """:meth:`unacked` in the JSON form (``Entry.to_json``) straight from the rows:
+        what the uplink sends, without building an Entry for each on the way."""
+        try:
+            rows = self._sql(_UNACKED, (after_id, limit)).fetchall()
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
+        return [{name: (v.hex().upper() if isinstance(v, bytes) else v)
+                 for name, v in zip(ENTRY_FIELDS, row, strict=True)} for row in rows]
+
+    def mark_acked(self, uuids: Iterable[str]) -> int:
+        """Record that the head-end stored these entries: one committed, fsynced
+        transaction under the writer lock. Returns how many were newly acknowledged."""
+        now_ms = int(self._clock() * 1000)
+        rows = [(now_ms, u) for u in dict.fromkeys(uuids)]
+        if not rows:
+            return 0
+        with self._lock:
+            try:
+                with self._db.atomic():
+                    cursor = self._db.cursor()  # type: ignore[no-untyped-call]
+                    cursor.executemany(_MARK_ACKED, rows)
+                    return max(0, int(cursor.rowcount))
+            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+                raise _wrap(err, "cannot record acknowledged entries") from err
+
+    def pending_sync_count(self) -> int:
+        """Entries the head-end has not acknowledged."""
+        return int(self._scalar(_PENDING_SYNC, ()) or 0)
+
+    def oldest_unacked_ms(self) -> int | None:
+        """When the oldest entry the head-end has not acknowledged was written."""
+        value = self._scalar(_OLDEST_UNACKED, ())
+        return int(value) if value is not None else None
+
+    def prune(self, older_than_ms: int, *, chunk: int = 2000) -> int:
+        """Delete acknowledged entries written before ``older_than_ms``, oldest first.
+
+        Only a run from the start of the journal goes, so the chain never gets a hole:
+        pruning stops at the first entry that must stay (not acknowledged, too young, a
+        tear still awaiting its card or that tear's intent, an intent with no outcome,
+        or the newest entry, which the next append continues from). Meta keeps the hash
+        of the last entry deleted (``chain_anchor``: verify checks the first entry kept
+        against it) and the highest terminal sequence number used, so none is reused.
+        Deletes in chunks, each its own transaction under the writer lock, so a tap
+        never waits behind a long delete. Returns how many entries went.
+        """
+        with self._db.atomic():  # one read snapshot, and the writer is not held up
+            through = self._prunable_through(older_than_ms)
+        total = 0
+        while True:
+            with self._lock:
+                done = self._prune_chunk(through, chunk)
+            total += done
+            if done < chunk:
+                if total:
+                    log.info("journal: pruned %d acknowledged entries (through id %d)",
+                             total, through)
+                return total
+
+    def _prunable_through(self, older_than_ms: int) -> int:
+        """The highest id such that it and every entry before it may be pruned."""
+        stops = [self._scalar(sql, params) for sql, params in (
+            ("SELECT MAX(id) FROM entry", ()),
+            (_FIRST_UNACKED_ID, ()),
+            (_FIRST_YOUNG_ID, (older_than_ms,)),
+            (_FIRST_PENDING_TEAR_ID, ()),
+            (_FIRST_DANGLING_INTENT_ID, ()),
+        )]
+        found = [int(s) for s in stops if s is not None]
+        return min(found) - 1 if found else 0
+
+    def _prune_chunk(self, through: int, chunk: int) -> int:
+        first = self._scalar("SELECT MIN(id) FROM entry", ())
+        if first is None or int(first) > through:
+            return 0
+        upto = min(through, int(first) + chunk - 1)
+        try:
+            with self._db.atomic():
+                last_hash, max_seq = self._sql(
+                    "SELECT (SELECT hash FROM entry WHERE id = ?), "
+                    "MAX(terminal_seq) FROM entry WHERE id <= ?", (upto, upto)).fetchone()
+                stored = self._sql("SELECT value FROM meta WHERE key = 'max_terminal_seq'"
+                                   ).fetchone()
+                seq = max(int(max_seq or 0), int(stored[0]) if stored else 0, self._max_seq)
+                deleted = int(self._sql("DELETE FROM entry WHERE id <= ?", (upto,)).rowcount)
+                self._sql(_SET_META, ("chain_anchor", bytes(last_hash).hex().upper()))
+                self._sql(_SET_META, ("max_terminal_seq", str(seq)))
+        except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+            raise _wrap(err, "cannot prune the journal") from err
+        self._max_seq = seq
+        return deleted
+
+    def _scalar(self, sql: str, params: tuple[Any, ...]) -> Any:
+        try:
+            row = self._sql(sql, params).fetchone()
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
+        return row[0] if row else None
 
     # -- checking ----------------------------------------------------------------------
     def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
@@ -348,6 +473,28 @@ _LAST_ACCEPTED = f"""
         OR (kind = '{KIND_PASS}' AND state = '{COMPLETED}'))
     ORDER BY id DESC LIMIT 1"""
 
+# The uplink's statements. INDEXED BY: the partial index holds only unacknowledged
+# entries, so these cost the backlog, not the journal's length.
+_UNACKED = (f"SELECT {_COLUMNS} FROM entry INDEXED BY entry_unacked "
+            "WHERE acked_ms IS NULL AND id > ? ORDER BY id LIMIT ?")
+_MARK_ACKED = "UPDATE entry SET acked_ms = ? WHERE uuid = ? AND acked_ms IS NULL"
+_PENDING_SYNC = "SELECT COUNT(*) FROM entry INDEXED BY entry_unacked WHERE acked_ms IS NULL"
+_OLDEST_UNACKED = ("SELECT created_ms FROM entry INDEXED BY entry_unacked "
+                   "WHERE acked_ms IS NULL ORDER BY id LIMIT 1")
+_FIRST_UNACKED_ID = ("SELECT id FROM entry INDEXED BY entry_unacked "
+                     "WHERE acked_ms IS NULL ORDER BY id LIMIT 1")
+# Retention: what must stay. Entries are read from the start, which is what goes.
+_FIRST_YOUNG_ID = "SELECT id FROM entry WHERE created_ms >= ? ORDER BY id LIMIT 1"
+_FIRST_PENDING_TEAR_ID = f"""
+    SELECT MIN(MIN(t.id, COALESCE(t.ref, t.id))) FROM entry AS t
+    WHERE t.kind = '{KIND_DEBIT}' AND t.state = '{TORN}'
+      AND NOT EXISTS (SELECT 1 FROM entry AS r WHERE r.ref = t.id AND r.kind = '{KIND_RECOVERY}')"""
+_FIRST_DANGLING_INTENT_ID = f"""
+    SELECT MIN(i.id) FROM entry AS i
+    WHERE i.kind = '{KIND_DEBIT}' AND i.state = '{INTENT}'
+      AND NOT EXISTS (SELECT 1 FROM entry AS o WHERE o.ref = i.id AND o.kind = '{KIND_DEBIT}'
+                      AND o.state IN ('{COMPLETED}', '{TORN}'))"""
+_SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 
 def _entry_from_tuple(row: tuple[Any, ...]) -> Entry:
     values: list[Any] = [bytes(v) if isinstance(v, (memoryview, bytearray)) else v for v in row]

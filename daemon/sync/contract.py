@@ -168,3 +168,31 @@ class Reply:
     def encode(self) -> bytes:
         return canonical({"gate": self.gate, "seq": self.seq, "ok": self.ok,
                           "reason": self.reason, "result": self.result})
+
+
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """gate → all on .../status, retained: ``online`` with telemetry, refreshed while the
+    gate is connected; ``offline`` when it stops, or as its Last Will (then ``ts`` is when
+    the lost connection was opened)."""
+
+    gate: str
+    state: str  # ONLINE | OFFLINE
+    ts: int  # unix ms
+    telemetry: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return canonical({"gate": self.gate, "state": self.state, "ts": self.ts,
+                          "telemetry": self.telemetry})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Status:
+        obj = json.loads(payload)
+        if not isinstance(obj, dict) or obj.get("state") not in (ONLINE, OFFLINE):
+            raise ValueError("a status is an object with state online or offline")
+        return cls(gate=str(obj.get("gate", "")), state=str(obj["state"]),
+                   ts=int(obj.get("ts", 0)), telemetry=dict(obj.get("telemetry") or {}))
