@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -13,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import __version__, devicekey
 from daemon.config import Config
+from daemon.errors import TapgateError
 from daemon.journal import Journal
 from daemon.loop import CardLoop
 from daemon.metrics import Metrics, journal_gauges, serve_http, write_textfile
 from daemon.notify import Notifier, run_watchdog
 from daemon.outcome import Outcome, TapResult
+from daemon.status import StatusBoard, run_status_writer
 from daemon.supervisor import supervise
 from daemon.sync.retention import run_retention
 from daemon.tap import TapProcessor
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     from daemon.sync.uplink import Uplink
 
 log = logging.getLogger("tapgate")
+STOP_GRACE_S = 10.0  # under the unit's TimeoutStopSec=20
+EXIT_HUNG = 70  # EX_SOFTWARE
 tap_log = logging.getLogger("tapgate.tap")
 
 
@@ -45,6 +50,7 @@ class Gate:
     processor: TapProcessor
     card_loop: CardLoop
     metrics: Metrics
+    board: StatusBoard
     uplink: Uplink | None = None  # only with [mqtt] host set
     started: float = field(default_factory=time.monotonic)
 
@@ -102,6 +108,7 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
     processor = TapProcessor(gate_config=config.gate, journal=journal, sam=sam, gate=gateio,
                              reserve_bytes=config.journal.reserve_bytes)
     metrics = Metrics()
+    board = StatusBoard(terminal_id=config.gate.terminal_id, reader_name=reader.name)
     uplink: Uplink | None = None
     if config.mqtt.enabled:
         from daemon.sync.uplink import Uplink  # paho only when there is a broker
@@ -110,17 +117,20 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
 
     def on_tap(result: TapResult, seconds: float) -> None:
         metrics.observe_tap(result, seconds)
+        board.note_tap(result)
         _report_tap(result, seconds)
         if uplink is not None:
             uplink.notify()  # never waits: the uplink's own thread reads the journal
 
     def on_state(state: ReaderState) -> None:
         metrics.reader_up = int(state is ReaderState.READY)
+        board.set_reader(reader.name, state)  # a PC/SC reader's name is known once found
         if notifier is not None:
             notifier.status(f"reader {reader.name}: {state.value}")
 
     card_loop = CardLoop(reader=reader, processor=processor, on_tap=on_tap, on_state=on_state)
-    gate = Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, uplink)
+    gate = Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, board,
+                uplink)
     if uplink is not None:
         uplink.telemetry = gate.telemetry
     return gate
@@ -176,6 +186,24 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
 
         tasks["sync"] = sync
         tasks["retention"] = retention
+    def probe() -> None:
+        """Before each status write: what nobody reports by themselves."""
+        journal, config, board = gate.journal, gate.config, gate.board
+        board.set_alarm("journal disk below the reserve: no debit can start",
+                        journal.free_bytes() < config.journal.reserve_bytes)
+        board.set_alarm(f"journal disk over {config.mqtt.disk_alarm_pct:g}% full",
+                        journal.disk_used_pct() >= config.mqtt.disk_alarm_pct)
+        board.set_out_of_service(gate.processor.out_of_service)
+        if gate.uplink is not None:
+            broker = f"{config.mqtt.host}:{config.mqtt.port}"
+            board.set_broker_link(("connected to " if gate.uplink.connected
+                                   else "not connected to ") + broker)
+
+    async def status() -> None:
+        await run_status_writer(gate.board, gate.config.journal.status_path,
+                                gate.config.service.status_interval_s, stop, probe=probe)
+
+    tasks["status"] = status
     running = [asyncio.create_task(supervise(name, body, stop), name=name)
                for name, body in tasks.items()]
     try:
@@ -191,7 +219,17 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
         thread_stop.set()
         if uplink is not None:
             uplink.notify()
-        await asyncio.gather(*running, return_exceptions=True)
+        try:
+            await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True),
+                                   STOP_GRACE_S)
+        except TimeoutError:
+            # a task that does not stop is hung (a wedged relay driver, a stuck PC/SC call):
+            # leave as a crash would. The journal is built for exactly that.
+            log.critical("a task did not stop within %.0f s: exiting without it", STOP_GRACE_S)
+            notifier.status("stop timed out: a task is hung")
+            notifier.close()
+            logging.shutdown()
+            os._exit(EXIT_HUNG)
     finally:
         notifier.close()
 
@@ -199,7 +237,11 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
 def run(config: Config) -> int:
     notifier = Notifier.from_env()
     notifier.status("opening the journal and the reader")
-    gate = build(config, notifier)
+    try:
+        gate = build(config, notifier)
+    except TapgateError as err:
+        notifier.status(f"failed to start: {err}")  # shown by systemctl status
+        raise
     try:
         asyncio.run(_serve(gate, notifier))
     finally:

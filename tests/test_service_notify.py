@@ -283,6 +283,19 @@ def test_watchdog_stops_when_the_card_loop_hangs(systemd: Systemd, tmp_path: Pat
     assert systemd.wait_exit() == -signal.SIGKILL
 
 
+def test_sigterm_ends_a_daemon_whose_card_loop_hangs(systemd: Systemd, tmp_path: Path) -> None:
+    """A hung card loop cannot stop: after the grace period the daemon leaves as a crash
+    would (the journal is built for that) with EX_SOFTWARE, before systemd's
+    TimeoutStopSec, instead of hanging on until SIGKILL."""
+    systemd.start(_config(tmp_path), "reader.sim_interval_s=0.2", "gateio.sim_hang_after=2")
+    systemd.wait_log("the relay driver hangs")
+    systemd.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert systemd.wait_exit() == 70
+    systemd.drain()
+    assert any(_has(m, "STOPPING=1") for m in systemd.messages)
+    assert systemd.log_count("did not stop within") == 1
+
+
 # --- a journal that cannot be opened ------------------------------------------------------------
 def _journal_is_a_directory(tmp_path: Path) -> Path:
     path = tmp_path / "journal.db"
