@@ -11,22 +11,26 @@ CONFIG ?= config/tapgate.toml
 # Debian packages: building pyscard, the PC/SC stack with the vpcd virtual reader.
 SYSTEM_PACKAGES := python3-venv python3-dev build-essential swig libpcsclite-dev \
                    pcscd vsmartcard-vpcd
+# What only the tests need: a real broker, systemd-analyze for the unit, a D-Bus daemon.
+TEST_PACKAGES := mosquitto systemd dbus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint typecheck system-deps bench clean \
+.PHONY: run test check lint typecheck system-deps test-system-deps bench clean \
         install install-system-deps install-check uninstall
 
 run: $(VENV)/.run-deps
 	$(VENV)/bin/tapgate run --config $(CONFIG)
 
-test: system-deps $(VENV)/.test-deps
-	$(PY) -m pytest -q
+# The real components are required: a missing pcscd or mosquitto fails the run instead
+# of skipping what needs it.
+test: system-deps test-system-deps $(VENV)/.test-deps
+	TAPGATE_REQUIRE_PCSC=1 TAPGATE_REQUIRE_MQTT=1 $(PY) -m pytest -q
 	$(MAKE) --no-print-directory check
 
 check: lint typecheck
 
 lint: $(VENV)/.test-deps
-	$(VENV)/bin/ruff check daemon hal tests bench
+	$(VENV)/bin/ruff check daemon hal headend tests bench
 
 typecheck: $(VENV)/.test-deps
 	$(VENV)/bin/mypy
@@ -48,6 +52,9 @@ endef
 
 system-deps:
 	$(call apt-ensure,$(SYSTEM_PACKAGES))
+
+test-system-deps:
+	$(call apt-ensure,$(TEST_PACKAGES))
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
