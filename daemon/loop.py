@@ -21,6 +21,7 @@ log = logging.getLogger("tapgate.loop")
 
 WAIT_SLICE_S = 0.25  # how long one wait for a card may block the loop
 SWEEP_EVERY_S = 5.0
+CHECKPOINT_IDLE_S = 1.0  # when idle, fold the WAL back at most this often
 
 
 class CardLoop:
@@ -42,14 +43,19 @@ class CardLoop:
         self._processor.settle_interrupted()
         self.ready.set()
         next_sweep = 0.0
+        next_checkpoint = 0.0
         while not stop.is_set():
             self.heartbeat = time.monotonic()
             self._note_state()
             if self.heartbeat >= next_sweep:
                 self._processor.expire_recoveries()
+                self._processor.checkpoint()  # bounds the WAL even when taps never stop
                 next_sweep = self.heartbeat + SWEEP_EVERY_S
             link = self._reader.wait_for_card(WAIT_SLICE_S)
             if link is None:
+                if self.heartbeat >= next_checkpoint:
+                    self._processor.checkpoint()
+                    next_checkpoint = self.heartbeat + CHECKPOINT_IDLE_S
                 continue
             if stop.is_set():  # stopping: no tap may start after STOPPING=1
                 link.release()

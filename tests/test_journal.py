@@ -255,3 +255,33 @@ def test_to_json_shape(tmp_path: Path) -> None:
     assert len(doc["uuid"]) == 32
     assert json.loads(json.dumps(doc)) == doc
     assert chain_hash(doc).hex().upper() == doc["hash"]
+
+
+def test_a_cards_tears_are_found_through_their_own_index(tmp_path: Path) -> None:
+    """Every tap asks for the card's pending tears: that must not read the card's whole
+    history, so the query has to run on the partial index of torn entries."""
+    from daemon.journal.store import _PENDING_FOR_CARD
+
+    path = tmp_path / "journal.db"
+    with Journal(path):
+        pass
+    db = sqlite3.connect(path)
+    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _PENDING_FOR_CARD,
+                                                    (serial_of(1),)))
+    db.close()
+    assert "USING INDEX entry_torn_by_card (card_serial=?)" in plan, plan
+
+
+def test_commits_never_checkpoint_and_checkpoint_folds_the_wal(tmp_path: Path) -> None:
+    """A passenger's commit must not pay for a checkpoint: appends only grow the WAL, and
+    the card loop's checkpoint() (between taps) copies it into the database."""
+    path = tmp_path / "journal.db"
+    with Journal(path) as journal:
+        journal.checkpoint()
+        before = path.stat().st_size
+        for n in range(1, 400):  # well past SQLite's default of 1000 pages of WAL
+            journal.append(refusal(f"card blocked {n}"))
+        assert path.stat().st_size == before  # nothing was checkpointed by a commit
+        journal.checkpoint()
+        assert path.stat().st_size > before
+        assert journal.verify().ok and journal.count() == 399
