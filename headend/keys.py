@@ -9,7 +9,6 @@ permission is a key to rotate, not one to use.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import tomllib
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from daemon import devicekey
 from daemon.errors import ConfigError
 
 TAC_KEY_BYTES = 16
@@ -98,23 +98,11 @@ def public_raw(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
 
 def generate_operator_key(path: Path, *, force: bool = False) -> Ed25519PrivateKey:
     """A new operator key as PKCS#8 PEM, mode 0600, never over an existing file unless
-    ``force``."""
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    ``force`` (written the way a gate writes its device key)."""
     try:
-        fd = os.open(path, flags, 0o600)
+        return devicekey.generate(path, force=force)
     except FileExistsError as err:
         raise ConfigError("--out", str(path), "exists; pass --force to replace it") from err
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return key
 
 
 def load_operator_key(path: Path) -> Ed25519PrivateKey:
