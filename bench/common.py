@@ -37,7 +37,7 @@ def scratch_dir() -> Path:
     """Benchmarks write where the journal would: the disk under the work tree, not tmpfs."""
     base = Path(os.environ.get("TAPGATE_BENCH_DIR", "var/bench"))
     base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=base))
+    return Path(tempfile.mkdtemp(dir=base)).resolve()  # pcscd -c wants an absolute path
 
 
 def sqlite_commit_times(directory: Path, n: int) -> list[float]:

@@ -128,6 +128,17 @@ class MqttConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorsConfig:
+    """The operators whose signed commands this gate obeys: key id -> Ed25519 public key.
+
+    Several keys at once is how a key is rotated: add the new one, move the operators
+    over, remove the old one (a command signed with a removed key is refused)."""
+
+    keys: Mapping[str, bytes] = field(default_factory=dict)  # KEY ID (16 hex) -> 32 bytes
+    clock_skew_s: float = 30.0  # a command issued further ahead than this is refused
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "INFO"
 
@@ -143,6 +154,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    operators: OperatorsConfig = field(default_factory=OperatorsConfig)
     source: Path | None = None
 
 
@@ -233,6 +245,49 @@ class _Section:
             raise ConfigError(self.key(key), self.table[key], "unknown key")
 
 
+# What a remote command may change (set_config, desired state), under the same rules as
+# the file: gate.fares.<card type>, gate.anti_passback_s, gate.recovery_window_s.
+ANTI_PASSBACK_RANGE = (0.0, 86400.0 * 7)
+RECOVERY_WINDOW_RANGE = (1.0, 86400.0 * 366)
+REMOTE_GATE_KEYS = ("gate.anti_passback_s", "gate.recovery_window_s",
+                    *(f"gate.fares.{name}" for name in CARD_TYPES))
+
+
+def _fare(name: str, fare: Any) -> int:
+    if name not in CARD_TYPES:
+        raise ConfigError(f"gate.fares.{name}", fare,
+                          f"card type must be one of {sorted(CARD_TYPES)}")
+    if isinstance(fare, bool) or not isinstance(fare, int) or not 0 <= fare <= 0xFFFFFFFF:
+        raise ConfigError(f"gate.fares.{name}", fare, "must be a whole number of minor units")
+    return fare
+
+
+def gate_with(gate: GateConfig, changes: Mapping[str, Any]) -> GateConfig:
+    """``gate`` with remote changes (dotted keys of :data:`REMOTE_GATE_KEYS`) applied,
+    each validated as the config file's value would be; a bad one is a ConfigError."""
+    fares = dict(gate.fares)
+    section = _Section("gate", {})
+    windows = {"anti_passback_s": gate.anti_passback_s,
+               "recovery_window_s": gate.recovery_window_s}
+    ranges = {"anti_passback_s": ANTI_PASSBACK_RANGE,
+              "recovery_window_s": RECOVERY_WINDOW_RANGE}
+    for dotted, value in changes.items():
+        if dotted not in REMOTE_GATE_KEYS:
+            raise ConfigError(dotted, value,
+                              f"cannot be set remotely; one of {', '.join(REMOTE_GATE_KEYS)}")
+        if dotted.startswith("gate.fares."):
+            name = dotted.removeprefix("gate.fares.")
+            fares[CARD_TYPES[name]] = _fare(name, value)
+            continue
+        key = dotted.removeprefix("gate.")
+        low, high = ranges[key]
+        section.table[key] = value
+        windows[key] = section.number(key, windows[key], low=low, high=high)
+    return GateConfig(terminal_id=gate.terminal_id, fares=fares,
+                      anti_passback_s=windows["anti_passback_s"],
+                      recovery_window_s=windows["recovery_window_s"])
+
+
 def _fares(section: _Section) -> dict[int, int]:
     flat = section.integer("fare", -1, low=0, high=0xFFFFFFFF)
     table = section._get("fares")
@@ -244,12 +299,7 @@ def _fares(section: _Section) -> dict[int, int]:
         raise ConfigError(section.key("fares"), table, "must be a table of card type = fare")
     fares = {code: flat for code in CARD_TYPES.values()} if flat >= 0 else {}
     for name, fare in table.items():
-        if name not in CARD_TYPES:
-            raise ConfigError(f"gate.fares.{name}", fare,
-                              f"card type must be one of {sorted(CARD_TYPES)}")
-        if isinstance(fare, bool) or not isinstance(fare, int) or not 0 <= fare <= 0xFFFFFFFF:
-            raise ConfigError(f"gate.fares.{name}", fare, "must be a whole number of minor units")
-        fares[CARD_TYPES[name]] = fare
+        fares[CARD_TYPES[name]] = _fare(name, fare)
     return fares
 
 
@@ -298,8 +348,29 @@ def _mqtt(m: _Section) -> MqttConfig:
     )
 
 
+def _operators(o: _Section) -> OperatorsConfig:
+    table = o._get("keys")
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise ConfigError("operators.keys", table, 'must be a table of "<key id>" = '
+                          '"<Ed25519 public key hex>"')
+    keys: dict[str, bytes] = {}
+    for key_id, public in table.items():
+        where = f"operators.keys.{key_id}"
+        if not re.fullmatch(r"[0-9A-Fa-f]{16}", key_id):
+            raise ConfigError(where, public, "the key id must be 16 hex digits (the first "
+                              "8 bytes of the public key, as tapgate-headend keygen prints)")
+        if not isinstance(public, str) or not re.fullmatch(r"[0-9A-Fa-f]{64}", public):
+            raise ConfigError(where, public, "must be an Ed25519 public key: 64 hex digits")
+        keys[key_id.upper()] = bytes.fromhex(public)
+    return OperatorsConfig(keys=keys,
+                           clock_skew_s=o.number("clock_skew_s", 30.0, low=0, high=3600))
+
+
 def validate(raw: Raw, source: Path | None = None) -> Config:
-    known = {"gate", "reader", "sam", "journal", "gateio", "log", "metrics", "service", "mqtt"}
+    known = {"gate", "reader", "sam", "journal", "gateio", "log", "metrics", "service", "mqtt",
+             "operators"}
     for name, table in raw.items():
         if name not in known:
             raise ConfigError(name, "...", "unknown section")
@@ -314,8 +385,10 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
     gate = GateConfig(
         terminal_id=terminal_id,
         fares=_fares(g),
-        anti_passback_s=g.number("anti_passback_s", 300.0, low=0, high=86400 * 7),
-        recovery_window_s=g.number("recovery_window_s", 86400.0, low=1, high=86400 * 366),
+        anti_passback_s=g.number("anti_passback_s", 300.0, low=ANTI_PASSBACK_RANGE[0],
+                                 high=ANTI_PASSBACK_RANGE[1]),
+        recovery_window_s=g.number("recovery_window_s", 86400.0, low=RECOVERY_WINDOW_RANGE[0],
+                                   high=RECOVERY_WINDOW_RANGE[1]),
     )
 
     r = sec["reader"]
@@ -368,6 +441,7 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
         status_interval_s=sv.number("status_interval_s", 5.0, low=0.5, high=3600))
 
     mqtt = _mqtt(sec["mqtt"])
+    operators = _operators(sec["operators"])
 
     lg = sec["log"]
     level = lg.string("level", "INFO").upper()
@@ -377,7 +451,7 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
     for section in sec.values():
         section.finish()
     return Config(gate, reader, sam, journal, gateio, LogConfig(level), metrics, service, mqtt,
-                  source)
+                  operators, source)
 
 
 def _parse_env_value(text: str) -> Any:

@@ -22,14 +22,16 @@ from daemon.notify import Notifier, run_watchdog
 from daemon.outcome import Outcome, TapResult
 from daemon.status import StatusBoard, run_status_writer
 from daemon.supervisor import supervise
+from daemon.sync.handlers import GateControl, effective_config
 from daemon.sync.retention import run_retention
 from daemon.tap import TapProcessor
-from hal.gate.base import GateIO
+from hal.gate.base import GateIO, Signal
 from hal.reader.base import Reader, ReaderState
 from hal.registry import backend_class
 from hal.sam.base import Sam
 
 if TYPE_CHECKING:
+    from daemon.sync.commands import Commands
     from daemon.sync.uplink import Uplink
 
 log = logging.getLogger("tapgate")
@@ -52,6 +54,7 @@ class Gate:
     metrics: Metrics
     board: StatusBoard
     uplink: Uplink | None = None  # only with [mqtt] host set
+    commands: Commands | None = None  # operators' commands: with the uplink
     started: float = field(default_factory=time.monotonic)
 
     def render_metrics(self) -> str:
@@ -81,6 +84,8 @@ class Gate:
             "journal": {"entries": gauges.entries, "bytes": gauges.bytes,
                         "disk_used_pct": round(disk, 1)},
             "alarms": alarms,
+            **({"remote": self.commands.control.state(),
+                "commands": self.commands.stats.to_json()} if self.commands else {}),
         }
 
     def close(self) -> None:
@@ -89,6 +94,30 @@ class Gate:
                 part.close()
             except Exception:  # closing must go on for the other parts
                 log.exception("closing %s", type(part).__name__)
+
+
+class SharedGateIO:
+    """The gate I/O of the card loop, shared with an operator's open_gate (the commands'
+    thread): one call into the driver at a time."""
+
+    def __init__(self, inner: GateIO) -> None:
+        self._inner = inner
+        self._lock = threading.Lock()
+
+    def open_for_passage(self) -> None:
+        with self._lock:
+            self._inner.open_for_passage()
+
+    def show(self, signal: Signal, text: str) -> None:
+        with self._lock:
+            self._inner.show(signal, text)
+
+    def beep(self, signal: Signal) -> None:
+        with self._lock:
+            self._inner.beep(signal)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 def _report_tap(result: TapResult, seconds: float) -> None:
@@ -105,7 +134,13 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
     reader: Reader = backend_class("reader", config.reader.backend).from_config(config)
     signer = devicekey.load(config.journal.device_key) if config.journal.device_key else None
     journal = Journal(config.journal.path, signer=signer).open()
-    processor = TapProcessor(gate_config=config.gate, journal=journal, sam=sam, gate=gateio,
+    gate_config = effective_config(config.gate, journal)  # with what operators set
+    if gate_config != config.gate:
+        log.info("gate config as operators set it: fares %s, anti-passback %g s, recovery "
+                 "window %g s", dict(gate_config.fares), gate_config.anti_passback_s,
+                 gate_config.recovery_window_s)
+    shared_io = SharedGateIO(gateio)
+    processor = TapProcessor(gate_config=gate_config, journal=journal, sam=sam, gate=shared_io,
                              reserve_bytes=config.journal.reserve_bytes)
     metrics = Metrics()
     board = StatusBoard(terminal_id=config.gate.terminal_id, reader_name=reader.name)
@@ -132,7 +167,23 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
     gate = Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, board,
                 uplink)
     if uplink is not None:
+        from daemon.sync.commands import Commands
+
         uplink.telemetry = gate.telemetry
+        link = uplink
+
+        def sync_now() -> dict[str, Any]:
+            link.sync_now()
+            return {"pending_sync": journal.pending_sync_count(), "connected": link.connected}
+
+        control = GateControl(processor=processor, config=gate_config,
+                              telemetry=gate.telemetry, sync_now=sync_now,
+                              open_gate=shared_io.open_for_passage)
+        gate.commands = Commands(gate_id=config.gate.gate_id, operators=config.operators,
+                                 journal=journal, control=control, publish=uplink.publish)
+        uplink.on_command = gate.commands.submit
+        if not config.operators.keys:
+            log.warning("no [operators] keys: every operator command will be refused")
     return gate
 
 
@@ -186,6 +237,12 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
 
         tasks["sync"] = sync
         tasks["retention"] = retention
+    commands = gate.commands
+    if commands is not None:
+        async def remote_commands() -> None:
+            await asyncio.to_thread(commands.run, thread_stop)
+
+        tasks["commands"] = remote_commands
     def probe() -> None:
         """Before each status write: what nobody reports by themselves."""
         journal, config, board = gate.journal, gate.config, gate.board

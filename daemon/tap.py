@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from daemon.config import GateConfig
 from daemon.errors import CardFault, CardGone, CardStatus, JournalError, JournalFull
@@ -40,6 +41,33 @@ from hal.sam.base import Sam
 log = logging.getLogger("tapgate.tap")
 
 
+class DenyList:
+    """The cards refused here whatever they hold, as the journal has them (versioned).
+
+    The card loop only tests membership of an immutable set; an operator's delta swaps
+    in a new set, under the lock, after the journal committed it."""
+
+    def __init__(self, version: int = 0, serials: Iterable[bytes] = ()) -> None:
+        self._lock = threading.Lock()
+        self.version = version
+        self._serials: frozenset[bytes] = frozenset(serials)
+
+    def __contains__(self, serial: object) -> bool:
+        return serial in self._serials
+
+    def __len__(self) -> int:
+        return len(self._serials)
+
+    @property
+    def serials(self) -> frozenset[bytes]:
+        return self._serials
+
+    def replace(self, version: int, serials: Iterable[bytes]) -> None:
+        with self._lock:
+            self._serials = frozenset(serials)
+            self.version = version
+
+
 class TapProcessor:
     def __init__(self, *, gate_config: GateConfig, journal: Journal, sam: Sam, gate: GateIO,
                  clock: Callable[[], float] = time.time, reserve_bytes: int = 0) -> None:
@@ -54,6 +82,7 @@ class TapProcessor:
         # Outcomes of journalled intents that the journal refused (disk full): written
         # before anything else, and no tap goes on until they are.
         self._owed: list[Draft] = []
+        self.deny_list = DenyList(*journal.deny_list())
 
     def set_config(self, gate_config: GateConfig) -> None:
         """Take new fares and windows (a remote command, a reload) from the next tap on."""
@@ -162,6 +191,8 @@ class TapProcessor:
     def _check(self, info: CardInfo) -> str:
         if info.blocked:
             return "card blocked"
+        if info.serial in self.deny_list:
+            return "card on deny list"
         now = self._clock()
         if info.expiry < dt.date.fromtimestamp(now):
             return "card expired"

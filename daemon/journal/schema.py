@@ -11,7 +11,7 @@ from typing import Any
 
 import peewee
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class _Base(peewee.Model):
@@ -93,6 +93,18 @@ _V4 = (
     "WHERE \"kind\" = 'debit' AND \"state\" = 'torn'",
 )
 
+# v5: remote management. The highest command sequence number applied per operator key
+# (replays are refused across restarts), the deny list with its version, and the config
+# values set remotely (gate.* dotted key -> JSON value), re-applied at every start. The
+# deny list's version and the desired state's version live in meta.
+_V5 = (
+    'CREATE TABLE "command_seq" ("key_id" VARCHAR(64) NOT NULL PRIMARY KEY, '
+    '"seq" INTEGER NOT NULL)',
+    'CREATE TABLE "deny_list" ("serial" BLOB NOT NULL PRIMARY KEY)',
+    'CREATE TABLE "remote_config" ("key" VARCHAR(64) NOT NULL PRIMARY KEY, '
+    '"value" TEXT NOT NULL)',
+)
+
 
 def _ddl(*statements: str) -> Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]:
     def migrate(db: peewee.SqliteDatabase, models: tuple[Any, Any]) -> None:
@@ -108,4 +120,5 @@ MIGRATIONS: dict[int, Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]] 
     2: _ddl(*_V2),
     3: _ddl(*_V3),
     4: _ddl(*_V4),
+    5: _ddl(*_V5),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import sqlite3
@@ -425,6 +426,44 @@ class Journal:
             raise _wrap(err, "cannot read the journal") from err
         return row[0] if row else None
 
+    # -- remote management (v5): what operators' commands changed --------------------
+    def last_command_seq(self, key_id: str) -> int | None:
+        """The highest sequence number applied from this operator key, if any."""
+        value = self._scalar("SELECT seq FROM command_seq WHERE key_id = ?", (key_id,))
+        return int(value) if value is not None else None
+
+    def deny_list(self) -> tuple[int, frozenset[bytes]]:
+        """The deny list's version and its card serials."""
+        try:
+            rows = self._sql("SELECT serial FROM deny_list").fetchall()
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
+        return _meta_int(self._scalar(_GET_META, (DENY_VERSION,))), frozenset(
+            bytes(r[0]) for r in rows)
+
+    def remote_config(self) -> dict[str, Any]:
+        """Config values operators set (dotted gate.* key -> value), to re-apply at start."""
+        try:
+            rows = self._sql("SELECT key, value FROM remote_config ORDER BY key").fetchall()
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
+        return {str(k): json.loads(v) for k, v in rows}
+
+    def desired_version(self) -> int:
+        """The version of the desired state (shadow) last applied; 0: none."""
+        return _meta_int(self._scalar(_GET_META, (DESIRED_VERSION,)))
+
+    @contextlib.contextmanager
+    def control(self) -> Iterator[Control]:
+        """One committed, fsynced transaction under the writer lock, for a command's
+        check-and-record (its sequence number) and the state it changes: all or nothing."""
+        with self._lock:
+            try:
+                with self._db.atomic():
+                    yield Control(self)
+            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+                raise _wrap(err, "cannot record a remote command") from err
+
     # -- checking ----------------------------------------------------------------------
     def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
         """Check SQLite's quick_check, the hash chain from the first entry kept and, given
@@ -506,6 +545,61 @@ _FIRST_DANGLING_INTENT_ID = f"""
       AND NOT EXISTS (SELECT 1 FROM entry AS o WHERE o.ref = i.id AND o.kind = '{KIND_DEBIT}'
                       AND o.state IN ('{COMPLETED}', '{TORN}'))"""
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_GET_META = "SELECT value FROM meta WHERE key = ?"
+DENY_VERSION = "deny_list_version"
+DESIRED_VERSION = "desired_version"
+
+
+def _meta_int(value: Any) -> int:
+    return int(value) if value is not None else 0
+
+
+class Control:
+    """Inside :meth:`Journal.control`: reads and writes of the remote management state."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    def _sql(self, sql: str, params: Any = None) -> Any:
+        return self._journal._sql(sql, params)
+
+    def claim_seq(self, key_id: str, seq: int) -> int | None:
+        """Record ``seq`` as applied from ``key_id`` and return None, or, when it is not
+        above the highest applied so far (a replay), write nothing and return that."""
+        row = self._sql("SELECT seq FROM command_seq WHERE key_id = ?", (key_id,)).fetchone()
+        if row is not None and seq <= int(row[0]):
+            return int(row[0])
+        self._sql("INSERT OR REPLACE INTO command_seq (key_id, seq) VALUES (?, ?)",
+                  (key_id, seq))
+        return None
+
+    def savepoint(self) -> Any:
+        """A nested transaction: what a refused command wrote is undone, its seq kept."""
+        return self._journal._db.atomic()
+
+    def deny_version(self) -> int:
+        row = self._sql(_GET_META, (DENY_VERSION,)).fetchone()
+        return _meta_int(row[0] if row else None)
+
+    def change_deny_list(self, version: int, add: Iterable[bytes],
+                         remove: Iterable[bytes]) -> None:
+        for serial in remove:
+            self._sql("DELETE FROM deny_list WHERE serial = ?", (serial,))
+        for serial in add:
+            self._sql("INSERT OR IGNORE INTO deny_list (serial) VALUES (?)", (serial,))
+        self._sql(_SET_META, (DENY_VERSION, str(version)))
+
+    def set_remote_config(self, changes: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            self._sql("INSERT OR REPLACE INTO remote_config (key, value) VALUES (?, ?)",
+                      (key, json.dumps(value)))
+
+    def desired_version(self) -> int:
+        row = self._sql(_GET_META, (DESIRED_VERSION,)).fetchone()
+        return _meta_int(row[0] if row else None)
+
+    def set_desired_version(self, version: int) -> None:
+        self._sql(_SET_META, (DESIRED_VERSION, str(version)))
 
 def _entry_from_tuple(row: tuple[Any, ...]) -> Entry:
     values: list[Any] = [bytes(v) if isinstance(v, (memoryview, bytearray)) else v for v in row]

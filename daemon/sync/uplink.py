@@ -15,6 +15,11 @@ in its own thread per connection (``loop_start``) and hands acks over through a 
 The card loop never touches MQTT: a tap only ever waits for its own journal commit, and
 an ack commit holds the journal's writer lock no longer than one append does.
 
+Operators' commands (``.../cmd``, ``tapgate/v1/fleet/cmd``) and the desired state
+(``.../desired``) come in on the same connection: paho's thread hands them, unread, to
+``on_command`` (daemon.sync.commands queues them for its own thread), and answers go
+out through :meth:`Uplink.publish`.
+
 Reconnecting is this module's loop, not paho's (``reconnect_on_failure=False``):
 exponential backoff with jitter, a persistent session (clean start off, session expiry
 set), a retained ``online`` status with telemetry on connect and a retained ``offline``
@@ -47,6 +52,7 @@ from daemon.errors import SyncError
 from daemon.journal import Journal
 from daemon.sync import contract
 from daemon.sync.backoff import Backoff
+from daemon.sync.commands import Incoming
 
 log = logging.getLogger("tapgate.sync")
 
@@ -103,6 +109,11 @@ class Uplink:
         self._tx_topic = contract.tx_topic(gate_id)
         self._ack_topic = contract.ack_topic(gate_id)
         self._status_topic = contract.status_topic(gate_id)
+        # commands and the desired state: handed to on_command (set it before run())
+        self.on_command: Callable[[Incoming], None] | None = None
+        self._command_topics = (contract.cmd_topic(gate_id), contract.fleet_cmd_topic(),
+                                contract.desired_topic(gate_id))
+        self._current: mqtt.Client | None = None  # the connected client, for publish()
         self._wake = threading.Event()
         self._acks: queue.SimpleQueue[contract.Ack] = queue.SimpleQueue()
         self._boot = secrets.token_hex(4)  # batch ids are unique across restarts
@@ -127,6 +138,24 @@ class Uplink:
         """New entries are in the journal (the card loop calls this after a tap)."""
         self._wake.set()
 
+    def sync_now(self) -> None:
+        """Look at the journal now, not at the next rescan (an operator's sync_now)."""
+        self._rescan_at = 0.0
+        self._wake.set()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                correlation: bytes | None = None) -> bool:
+        """Publish on the current connection (QoS 1), from any thread: a command's answer,
+        the reported state. False when there is no connection: nothing is queued."""
+        client, link = self._current, self._link
+        if client is None or link is None or not link.connected.is_set():
+            return False
+        props = _properties(PacketTypes.PUBLISH)
+        if correlation is not None:
+            props.CorrelationData = correlation
+        info = client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        return bool(info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS)
+
     # -- the connection loop -----------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Connect, drain, reconnect, until ``stop`` is set. Runs in its own thread."""
@@ -138,11 +167,11 @@ class Uplink:
             began = time.monotonic()
             try:
                 if self._connect(client, link, stop):
-                    self._link = link
+                    self._current, self._link = client, link
                     failures = 0
                     self._session(client, link, stop)
             finally:
-                self._link = None
+                self._current, self._link = None, None
                 self._close(client, link, stopping=stop.is_set())
             if stop.is_set():
                 return
@@ -248,6 +277,9 @@ class Uplink:
                           "%s", reason, self._tx_topic)
 
     def _on_message(self, client: mqtt.Client, link: _Link, message: mqtt.MQTTMessage) -> None:
+        if message.topic in self._command_topics:
+            self._take_command(message)
+            return
         if message.topic != self._ack_topic:
             return
         try:
@@ -262,6 +294,21 @@ class Uplink:
         self._acks.put(ack)
         self._wake.set()
 
+    def _take_command(self, message: mqtt.MQTTMessage) -> None:
+        """Hand a command over as it came: its size is checked before anything reads it."""
+        if self.on_command is None:
+            return
+        props = message.properties
+        response = str(getattr(props, "ResponseTopic", "") or "") if props else ""
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        try:
+            self.on_command(Incoming(topic=message.topic, payload=bytes(message.payload),
+                                     response_topic=response,
+                                     correlation=bytes(correlation) if correlation else None,
+                                     retained=bool(message.retain)))
+        except Exception:  # raising here would end paho's thread
+            log.exception("taking a command from %s", message.topic)
+
     # -- one connection ----------------------------------------------------------------
     def _session(self, client: mqtt.Client, link: _Link, stop: threading.Event) -> None:
         self.stats.connects += 1
@@ -273,6 +320,8 @@ class Uplink:
         self._cursor = 0
         self._rescan_at = 0.0
         client.subscribe(self._ack_topic, qos=1)
+        if self.on_command is not None:
+            client.subscribe([(t, 1) for t in self._command_topics])
         self._send_status(client)
         next_status = time.monotonic() + self._cfg.status_interval_s
         while not stop.is_set() and link.connected.is_set():
