@@ -465,6 +465,28 @@ def test_salvage_of_an_intact_journal_copies_everything(tmp_path: Path) -> None:
     assert copied.stdout == original.stdout
 
 
+def test_salvage_keeps_the_remote_management_state(tmp_path: Path) -> None:
+    """The replay high-water, the deny list and remote config travel with the entries:
+    a salvaged gate must not accept an old signed command again."""
+    journal, config = salvage_setup(tmp_path, 50)
+    with Journal(journal):  # migrated: the v5 tables exist; fill them as commands would
+        pass
+    db = sqlite3.connect(journal)
+    db.execute("INSERT INTO command_seq VALUES ('00AABBCCDDEEFF00', 41)")
+    db.execute("INSERT INTO deny_list VALUES (?)", (bytes.fromhex("8801000000000007"),))
+    db.execute("INSERT INTO remote_config VALUES ('gate.anti_passback_s', '60')")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('deny_list_version', '3')")
+    db.commit()
+    db.close()
+    out = tmp_path / "copy.db"
+    done = tapgate("journal", "salvage", "--config", str(config), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    with Journal(out) as copy:
+        assert copy.last_command_seq("00AABBCCDDEEFF00") == 41
+        assert copy.deny_list() == (3, frozenset({bytes.fromhex("8801000000000007")}))
+        assert copy.remote_config() == {"gate.anti_passback_s": 60}
+
+
 def test_salvage_reads_the_wal_of_a_journal_that_died(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     gate.mkdir()

@@ -200,6 +200,7 @@ def _salvage(src: sqlite3.Connection, built: Path, report: SalvageReport,
         select = f"SELECT {names} FROM entry WHERE rowid BETWEEN ? AND ? ORDER BY rowid"
         max_seq = _copy_entries(src, dst, select, insert, columns, report, chunk)
         _copy_meta(src, dst, report, max_seq)
+        _copy_state(src, dst, report)
         dst.execute("COMMIT")
         problems = [row[0] for row in dst.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
@@ -298,6 +299,33 @@ def _intact(doc: dict[str, Any]) -> bool:
         return chain_hash(body) == digest
     except (TypeError, ValueError):
         return False
+
+
+# The gate's remote-management state (schema v5): the operators' replay high-water, the
+# deny list and remotely set config. Losing command_seq would let an old signed command
+# be replayed, so a table that cannot be read is said loudly.
+STATE_TABLES = {
+    "command_seq": "the operators' command sequence high-water (old commands could replay: "
+                   "rotate the operator keys)",
+    "deny_list": "the deny list (push it again from the back office)",
+    "remote_config": "remotely set config (set it again)",
+}
+
+
+def _copy_state(src: sqlite3.Connection, dst: sqlite3.Connection,
+                report: SalvageReport) -> None:
+    present = {row[0] for row in dst.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    for table, what in STATE_TABLES.items():
+        if table not in present:
+            continue
+        try:
+            rows = src.execute(f'SELECT * FROM "{table}"').fetchall()
+        except sqlite3.DatabaseError as err:
+            report.notes.append(f"{table} could not be read ({err}): lost {what}")
+            continue
+        if rows:
+            marks = ", ".join("?" * len(rows[0]))
+            dst.executemany(f'INSERT OR REPLACE INTO "{table}" VALUES ({marks})', rows)
 
 
 def _copy_meta(src: sqlite3.Connection, dst: sqlite3.Connection, report: SalvageReport,

@@ -10,7 +10,7 @@ Topics (``<gate>`` is the gate id, by default its terminal id in uppercase hex):
     tapgate/v1/<gate>/ack       head-end → gate, QoS 1 the entries stored (application ack)
     tapgate/v1/<gate>/cmd       operator → gate, QoS 1 a signed command
     tapgate/v1/fleet/cmd        operator → all gates    a signed command for the fleet
-    tapgate/v1/<gate>/reply     gate → operator         answers (the command's response topic)
+    tapgate/v1/<target>/reply/<nonce>  gate → operator  answers (a command's response topic)
     tapgate/v1/<gate>/desired   operator → gate, retained  signed desired config (shadow)
     tapgate/v1/<gate>/reported  gate → all, retained   the desired version the gate runs
     tapgate/v1/<gate>/info      gate → all, retained   the gate's public info (beacons)
