@@ -100,6 +100,21 @@ def _parser() -> argparse.ArgumentParser:
     with_config(keygen)
     keygen.add_argument("--force", action="store_true", help="replace an existing key")
 
+    beacon = sub.add_parser("beacon", help="the BLE beacon: what it puts on air, who is near")
+    bsub = beacon.add_subparsers(dest="beacon_command", required=True)
+    show = bsub.add_parser(
+        "show", help="each enabled frame's advertising payload (AD structures as BlueZ sends "
+                     "them, hex) and the current EID")
+    with_config(show)
+    show.add_argument("--at", type=float, default=None, metavar="UNIX",
+                      help="as at this unix time (default: now)")
+    show.add_argument("--json", action="store_true", help="one JSON document")
+    scan = bsub.add_parser("scan", help="phones near the gate advertising the operator's "
+                                        "service, with RSSI and estimated distance")
+    with_config(scan)
+    scan.add_argument("--seconds", type=float, default=5.0, help="how long to listen")
+    scan.add_argument("--json", action="store_true", help="one JSON document")
+
     config = sub.add_parser("config", help="configuration")
     csub = config.add_subparsers(dest="config_command", required=True)
     check = csub.add_parser("check", help="validate a config file and print the effective "
@@ -130,6 +145,8 @@ def _toml_value(name: str, value: object) -> str:
         return repr(value)
     if isinstance(value, bytes):
         return _toml_string(MASK if name.endswith("_key") else value.hex().upper())
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(name, item) for item in value) + "]"
     return _toml_string(str(value))
 
 
@@ -208,6 +225,12 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return status(config, taps=args.taps, as_json=args.json)
     if args.command == "keygen":
         return _keygen(config, force=args.force)
+    if args.command == "beacon":
+        from daemon import cli_beacon
+
+        if args.beacon_command == "show":
+            return cli_beacon.show(config, at=args.at, as_json=args.json)
+        return cli_beacon.scan(config, seconds=args.seconds, as_json=args.json)
     command = args.journal_command
     if command == "verify":
         return cli_journal.verify(config)

@@ -7,6 +7,7 @@ the value is parsed as a TOML value when it can be, else taken as a string.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.beacon import config as beacon_config
+from daemon.beacon.config import BeaconConfig
+from daemon.configsection import Section as _Section
 from daemon.errors import ConfigError
 
 CARD_TYPES = {"adult": 0x01, "concession": 0x02, "staff": 0x03}
@@ -30,6 +34,9 @@ class GateConfig:
     fares: Mapping[int, int]  # card type -> fare in minor units
     anti_passback_s: float = 300.0
     recovery_window_s: float = 86400.0
+    name: str = ""  # what passengers and the back office call it: "North entrance 3"
+    station: str = ""
+    page_url: str = ""  # the gate's page for passengers (also its Eddystone-URL)
 
     def fare_for(self, card_type: int) -> int | None:
         return self.fares.get(card_type)
@@ -155,94 +162,8 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     operators: OperatorsConfig = field(default_factory=OperatorsConfig)
+    beacon: BeaconConfig = field(default_factory=BeaconConfig)
     source: Path | None = None
-
-
-# --- parsing helpers ---------------------------------------------------------------------
-class _Section:
-    """Reads typed keys from one TOML table and refuses keys nobody asked for."""
-
-    def __init__(self, name: str, table: Mapping[str, Any]) -> None:
-        self.name = name
-        self.table = dict(table)
-        self.seen: set[str] = set()
-
-    def _get(self, key: str) -> Any:
-        self.seen.add(key)
-        return self.table.get(key)
-
-    def key(self, key: str) -> str:
-        return f"{self.name}.{key}"
-
-    def string(self, key: str, default: str) -> str:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value:
-            raise ConfigError(self.key(key), value, "must be a non-empty string")
-        return value
-
-    def number(self, key: str, default: float, *, low: float, high: float) -> float:
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(self.key(key), value, "must be a number")
-        if not low <= value <= high:
-            raise ConfigError(self.key(key), value, f"must be between {low:.12g} and {high:.12g}")
-        return float(value)
-
-    def integer(self, key: str, default: int, *, low: int, high: int) -> int:
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.key(key), value, "must be a whole number")
-        if not low <= value <= high:
-            raise ConfigError(self.key(key), value, f"must be between {low} and {high}")
-        return value
-
-    def optional_string(self, key: str) -> str:
-        """A string that may be left out or empty (meaning: not set)."""
-        value = self._get(key)
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise ConfigError(self.key(key), value, "must be a string")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(self.key(key), value, "must be true or false")
-        return value
-
-    def path(self, key: str) -> Path | None:
-        value = self._get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value:
-            raise ConfigError(self.key(key), value, "must be a non-empty path")
-        return Path(value)
-
-    def hexbytes(self, key: str, size: int, default: bytes | None) -> bytes | None:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f]*", value):
-            raise ConfigError(self.key(key), value, f"must be {size * 2} hex digits")
-        if len(value) != size * 2:
-            raise ConfigError(self.key(key), value,
-                              f"must be {size * 2} hex digits, not {len(value)}")
-        return bytes.fromhex(value)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.seen)
-        if unknown:
-            key = unknown[0]
-            raise ConfigError(self.key(key), self.table[key], "unknown key")
 
 
 # What a remote command may change (set_config, desired state), under the same rules as
@@ -283,9 +204,8 @@ def gate_with(gate: GateConfig, changes: Mapping[str, Any]) -> GateConfig:
         low, high = ranges[key]
         section.table[key] = value
         windows[key] = section.number(key, windows[key], low=low, high=high)
-    return GateConfig(terminal_id=gate.terminal_id, fares=fares,
-                      anti_passback_s=windows["anti_passback_s"],
-                      recovery_window_s=windows["recovery_window_s"])
+    return dataclasses.replace(gate, fares=fares, anti_passback_s=windows["anti_passback_s"],
+                               recovery_window_s=windows["recovery_window_s"])
 
 
 def _fares(section: _Section) -> dict[int, int]:
@@ -370,7 +290,7 @@ def _operators(o: _Section) -> OperatorsConfig:
 
 def validate(raw: Raw, source: Path | None = None) -> Config:
     known = {"gate", "reader", "sam", "journal", "gateio", "log", "metrics", "service", "mqtt",
-             "operators"}
+             "operators", "beacon"}
     for name, table in raw.items():
         if name not in known:
             raise ConfigError(name, "...", "unknown section")
@@ -389,7 +309,12 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
                                  high=ANTI_PASSBACK_RANGE[1]),
         recovery_window_s=g.number("recovery_window_s", 86400.0, low=RECOVERY_WINDOW_RANGE[0],
                                    high=RECOVERY_WINDOW_RANGE[1]),
+        name=g.optional_string("name"),
+        station=g.optional_string("station"),
+        page_url=g.optional_string("page_url"),
     )
+    if gate.page_url and not re.fullmatch(r"https?://[^\s]+", gate.page_url):
+        raise ConfigError("gate.page_url", gate.page_url, "must be an http:// or https:// URL")
 
     r = sec["reader"]
     reader = ReaderConfig(
@@ -442,6 +367,8 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
 
     mqtt = _mqtt(sec["mqtt"])
     operators = _operators(sec["operators"])
+    beacon = beacon_config.parse(sec["beacon"], terminal_id=gate.terminal_id,
+                                 page_url=gate.page_url)
 
     lg = sec["log"]
     level = lg.string("level", "INFO").upper()
@@ -451,7 +378,7 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
     for section in sec.values():
         section.finish()
     return Config(gate, reader, sam, journal, gateio, LogConfig(level), metrics, service, mqtt,
-                  operators, source)
+                  operators, beacon, source)
 
 
 def _parse_env_value(text: str) -> Any:

@@ -84,6 +84,11 @@ class TapProcessor:
         self._owed: list[Draft] = []
         self.deny_list = DenyList(*journal.deny_list())
 
+    @property
+    def gate_config(self) -> GateConfig:
+        """The fares and windows in force now."""
+        return self._cfg
+
     def set_config(self, gate_config: GateConfig) -> None:
         """Take new fares and windows (a remote command, a reload) from the next tap on."""
         self._cfg = gate_config

@@ -14,7 +14,7 @@ that returns the answer's ``result``. Raising :class:`Refused` undoes what it wr
     sync_now        look at the journal for entries to send now
     report_status   the status telemetry, now
     open_gate       open for one passage
-    trigger_beacon  the BLE beacon, once there is one (GateControl.beacon)
+    trigger_beacon  {window_s?}: the BLE beacon on air for a window (GateControl.beacon)
 
 Another issue adds a command by adding to :data:`HANDLERS`, or a gate adds one of its own
 through ``GateControl.handlers``.
@@ -195,8 +195,22 @@ def trigger_beacon(gate: GateControl, args: Mapping[str, Any], state: Control
                    ) -> Callable[[], Result]:
     if gate.beacon is None:
         raise Refused("no beacon configured")
+    unknown = sorted(set(args) - {"window_s"})
+    if unknown:
+        raise bad_args(f"unknown argument {unknown[0]!r}; trigger_beacon takes window_s")
+    window = args.get("window_s")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or not 1 <= window <= 3600):
+        raise bad_args("window_s must be a whole number of seconds, 1..3600")
     beacon = gate.beacon
-    return lambda: beacon(args)
+
+    def apply() -> Result:
+        result = beacon(args)
+        if not result.get("accepted", True):
+            raise Refused(str(result.get("reason", "the beacon refused the trigger")))
+        return result
+
+    return apply
 
 
 HANDLERS: dict[str, Handler] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -23,5 +24,10 @@ class GateIO(Protocol):
         ...
 
     def beep(self, signal: Signal) -> None: ...
+
+    def on_button(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the driver's own thread) whenever the gate's service
+        button is pressed: it triggers the beacon."""
+        ...
 
     def close(self) -> None: ...

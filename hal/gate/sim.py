@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from daemon.config import Config
@@ -14,7 +15,7 @@ log = logging.getLogger("tapgate.gate")
 
 @dataclass(frozen=True, slots=True)
 class GateEvent:
-    what: str  # "open", "show" or "beep"
+    what: str  # "open", "show", "beep" or "button"
     signal: Signal | None = None
     text: str = ""
 
@@ -27,6 +28,7 @@ class SimGateIO:
         self._history = history
         self.events: list[GateEvent] = []
         self.passages = 0
+        self._button: list[Callable[[], None]] = []
 
     @classmethod
     def from_config(cls, config: Config) -> SimGateIO:
@@ -54,6 +56,15 @@ class SimGateIO:
 
     def beep(self, signal: Signal) -> None:
         self._record(GateEvent("beep", signal))
+
+    def on_button(self, callback: Callable[[], None]) -> None:
+        self._button.append(callback)
+
+    def press_button(self) -> None:
+        """The service button, pressed (a test, or the simulator's operator)."""
+        self._record(GateEvent("button"))
+        for callback in list(self._button):
+            callback()
 
     def close(self) -> None:
         self._hung.set()
