@@ -37,6 +37,8 @@ def show(config: Config, *, at: float | None, as_json: bool) -> int:
     out.write(f"a phone within {beacon.distance_m:g} m should hear it at RSSI >= "
               f"{beacon.rssi_threshold} dBm (measured power {beacon.measured_power} dBm at "
               f"1 m, path-loss exponent {beacon.path_loss_exponent:g})\n")
+    out.write("AD structures in BlueZ's order; it writes the Flags last (0x06 on an LE-only "
+              "adapter, 0x02 with BR/EDR on)\n")
     for kind, frame in doc["frames"].items():
         out.write(f"\n{kind} ({frame['length']} bytes on air)\n")
         for ad in frame["ad"]:

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from hal.registry import backend_class
 from hal.sam.base import Sam
 
 if TYPE_CHECKING:
+    from daemon.beacon.controller import BeaconController
     from daemon.sync.commands import Commands
     from daemon.sync.uplink import Uplink
 
@@ -55,6 +57,7 @@ class Gate:
     board: StatusBoard
     uplink: Uplink | None = None  # only with [mqtt] host set
     commands: Commands | None = None  # operators' commands: with the uplink
+    beacon: BeaconController | None = None  # with [beacon] enabled
     started: float = field(default_factory=time.monotonic)
 
     def render_metrics(self) -> str:
@@ -84,8 +87,28 @@ class Gate:
             "journal": {"entries": gauges.entries, "bytes": gauges.bytes,
                         "disk_used_pct": round(disk, 1)},
             "alarms": alarms,
+            **({"beacon": self.beacon.state()} if self.beacon else {}),
             **({"remote": self.commands.control.state(),
                 "commands": self.commands.stats.to_json()} if self.commands else {}),
+        }
+
+    def info(self) -> dict[str, Any]:
+        """The gate's public info, retained on tapgate/v1/<gate>/info: what the back office
+        shows a passenger whose phone heard this gate's beacon."""
+        from daemon.beacon.controller import info as beacon_info
+        from daemon.config import CARD_TYPES
+
+        gate = self.processor.gate_config
+        names = {code: name for name, code in CARD_TYPES.items()}
+        beacon = self.config.beacon
+        return {
+            "v": 1, "gate": gate.gate_id, "name": gate.name, "station": gate.station,
+            "ts_ms": int(time.time() * 1000),
+            "status": "out_of_service" if self.processor.out_of_service else "in_service",
+            "fares": {names.get(code, str(code)): fare for code, fare in gate.fares.items()},
+            "page_url": gate.page_url or beacon.url,
+            "beacon": (beacon_info(beacon, self.beacon.state() if self.beacon else None)
+                       if beacon.enabled else None),
         }
 
     def close(self) -> None:
@@ -115,6 +138,9 @@ class SharedGateIO:
     def beep(self, signal: Signal) -> None:
         with self._lock:
             self._inner.beep(signal)
+
+    def on_button(self, callback: Callable[[], None]) -> None:
+        self._inner.on_button(callback)
 
     def close(self) -> None:
         self._inner.close()
@@ -150,10 +176,14 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
 
         uplink = Uplink(config=config.mqtt, gate_id=config.gate.gate_id, journal=journal)
 
+    beacon = _beacon(config, gateio)
+
     def on_tap(result: TapResult, seconds: float) -> None:
         metrics.observe_tap(result, seconds)
         board.note_tap(result)
         _report_tap(result, seconds)
+        if beacon is not None and result.opened:
+            beacon.trigger("tap")  # a phone can learn which gate it passed
         if uplink is not None:
             uplink.notify()  # never waits: the uplink's own thread reads the journal
 
@@ -165,11 +195,12 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
 
     card_loop = CardLoop(reader=reader, processor=processor, on_tap=on_tap, on_state=on_state)
     gate = Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, board,
-                uplink)
+                uplink, beacon=beacon)
     if uplink is not None:
         from daemon.sync.commands import Commands
 
         uplink.telemetry = gate.telemetry
+        uplink.info = gate.info
         link = uplink
 
         def sync_now() -> dict[str, Any]:
@@ -178,13 +209,39 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
 
         control = GateControl(processor=processor, config=gate_config,
                               telemetry=gate.telemetry, sync_now=sync_now,
-                              open_gate=shared_io.open_for_passage)
+                              open_gate=shared_io.open_for_passage,
+                              beacon=_command_trigger(beacon))
         gate.commands = Commands(gate_id=config.gate.gate_id, operators=config.operators,
                                  journal=journal, control=control, publish=uplink.publish)
         uplink.on_command = gate.commands.submit
         if not config.operators.keys:
             log.warning("no [operators] keys: every operator command will be refused")
     return gate
+
+
+def _beacon(config: Config, gateio: GateIO) -> BeaconController | None:
+    if not config.beacon.enabled:
+        return None
+    from daemon.beacon.controller import BeaconController
+
+    advertiser = backend_class("ble", config.beacon.backend).from_config(config)
+    beacon = BeaconController(config=config.beacon, advertiser=advertiser)
+    def pressed() -> None:
+        beacon.trigger("button")
+
+    gateio.on_button(pressed)
+    return beacon
+
+
+def _command_trigger(beacon: BeaconController | None
+                     ) -> Callable[[Mapping[str, Any]], dict[str, Any]] | None:
+    if beacon is None:
+        return None
+
+    def trigger(args: Mapping[str, Any]) -> dict[str, Any]:
+        return beacon.trigger("command", args.get("window_s"))
+
+    return trigger
 
 
 async def _until_ready(gate: Gate, stop: asyncio.Event) -> bool:
@@ -237,6 +294,12 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
 
         tasks["sync"] = sync
         tasks["retention"] = retention
+    beacon = gate.beacon
+    if beacon is not None:
+        async def beacon_task() -> None:
+            await beacon.run(stop)
+
+        tasks["beacon"] = beacon_task
     commands = gate.commands
     if commands is not None:
         async def remote_commands() -> None:
@@ -251,6 +314,13 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
         board.set_alarm(f"journal disk over {config.mqtt.disk_alarm_pct:g}% full",
                         journal.disk_used_pct() >= config.mqtt.disk_alarm_pct)
         board.set_out_of_service(gate.processor.out_of_service)
+        if gate.beacon is not None:
+            b = gate.beacon.state()
+            board.set_beacon(
+                f"{b['mode']}, " + (f"on air ({', '.join(b['on_air'])})" if b["on_air"]
+                                    else "off air")
+                + (f"; {b['last_error']}" if b["last_error"] else ""))
+            board.set_alarm("beacon radio unavailable", bool(b["last_error"]))
         if gate.uplink is not None:
             broker = f"{config.mqtt.host}:{config.mqtt.port}"
             board.set_broker_link(("connected to " if gate.uplink.connected

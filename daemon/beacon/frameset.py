@@ -75,16 +75,19 @@ def _need(value: T | None) -> T:
 
 
 def describe(config: BeaconConfig, now: float, *, flags: int = 0x06) -> dict[str, Any]:
-    """What ``tapgate beacon show`` prints: per frame, the AD structures as BlueZ sends
-    them, the whole advertising payload, and what an independent scanner reads back."""
+    """What ``tapgate beacon show`` prints: per frame, the AD structures in the order
+    BlueZ sends them, the whole advertising payload, and what it parses back to. ``flags``:
+    0x06 on an LE-only adapter (``ControllerMode = le``), 0x02 with BR/EDR on."""
     shown: dict[str, Any] = {}
     for kind, adv in build(config, now).items():
+        # BlueZ writes the Flags of a Discoverable advertisement itself, after the rest
+        structures = [*adv.ad_structures(flags=None), (0x01, bytes([flags]))]
+        payload = b"".join(bytes([len(data) + 1, t]) + data for t, data in structures)
         shown[kind] = {
-            "ad": [{"type": f"0x{t:02X}", "data": data.hex().upper()}
-                   for t, data in adv.ad_structures(flags=flags)],
-            "payload": adv.payload(flags=flags).hex().upper(),
-            "length": len(adv.payload(flags=flags)),
-            "decoded": _plain(frames.parse_advertisement(adv)),
+            "ad": [{"type": f"0x{t:02X}", "data": data.hex().upper()} for t, data in structures],
+            "payload": payload.hex().upper(),
+            "length": len(payload),
+            "decoded": _plain(frames.parse(payload)),
         }
     result: dict[str, Any] = {
         "mode": config.mode, "window_s": config.window_s, "triggers": list(config.triggers),

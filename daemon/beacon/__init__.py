@@ -1,0 +1,1 @@
+"""BLE beacon advertising for the gate: frame building and parsing, Eddystone-EID rotation."""
