@@ -148,9 +148,9 @@ def test_bad_values_refused_with_key_value_and_why(key: str, value: Any, why: st
 
 
 def test_a_frame_without_its_identifier_is_refused() -> None:
-    with pytest.raises(ConfigError, match="needs beacon.uuid"):
+    with pytest.raises(ConfigError, match=r"needs beacon\.uuid"):
         with_beacon(enabled=True, namespace=NAMESPACE, frames=["ibeacon"])
-    with pytest.raises(ConfigError, match="needs beacon.eid_key"):
+    with pytest.raises(ConfigError, match=r"needs beacon\.eid_key"):
         with_beacon(enabled=True, uuid=OPERATOR_UUID, frames=["eddystone-eid"])
     with pytest.raises(ConfigError, match="no frame to advertise"):
         with_beacon(enabled=True)

@@ -105,6 +105,10 @@ class Uplink:
         self.client_id = config.client_id or gate_id
         self._journal = journal
         self.telemetry = telemetry  # the status's content, read in the uplink's thread
+        # the gate's public info, retained on .../info: sent on connect and when it changes
+        self.info: Callable[[], dict[str, Any]] | None = None
+        self._info_sent = b""
+        self._info_topic = contract.info_topic(gate_id)
         self._clock = clock
         self._tx_topic = contract.tx_topic(gate_id)
         self._ack_topic = contract.ack_topic(gate_id)
@@ -323,6 +327,8 @@ class Uplink:
         if self.on_command is not None:
             client.subscribe([(t, 1) for t in self._command_topics])
         self._send_status(client)
+        self._info_sent = b""  # a new connection: the broker may have lost the retained copy
+        self._send_info(client)
         next_status = time.monotonic() + self._cfg.status_interval_s
         while not stop.is_set() and link.connected.is_set():
             self._wake.clear()
@@ -332,6 +338,7 @@ class Uplink:
             self._fill(client, link, now)
             if now >= next_status:
                 self._send_status(client)
+                self._send_info(client)
                 next_status = now + self._cfg.status_interval_s
             self._wake.wait(POLL_S)
 
@@ -434,6 +441,22 @@ class Uplink:
         telemetry["uplink"] = self.stats.to_json()
         status = contract.Status(self.gate_id, contract.ONLINE, self._now_ms(), telemetry)
         client.publish(self._status_topic, status.encode(), qos=1, retain=True)
+
+    def _send_info(self, client: mqtt.Client) -> None:
+        """The retained info, when it says something new (its timestamp aside)."""
+        if self.info is None:
+            return
+        try:
+            info = dict(self.info())
+        except Exception:  # the info must never stop the sync
+            log.exception("collecting the gate's info")
+            return
+        content = contract.canonical({k: v for k, v in info.items() if k != "ts_ms"})
+        if content == self._info_sent:
+            return
+        result = client.publish(self._info_topic, contract.canonical(info), qos=1, retain=True)
+        if result.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._info_sent = content
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
