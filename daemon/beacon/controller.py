@@ -24,16 +24,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hal.ble.base import AdapterInfo, Advertiser, AdvertisingRequest, BeaconEvent
-
 from daemon.beacon import frameset
 from daemon.beacon.config import BeaconConfig
 from daemon.beacon.frames import Advertisement
 from daemon.beacon.frameset import Health
+from daemon.errors import HardwareUnavailable
+from hal.ble.base import AdapterInfo, Advertiser, AdvertisingRequest, BeaconEvent
 
 log = logging.getLogger("tapgate.beacon")
 
 FOREVER = math.inf
+# BlueZ ends a window itself (Timeout, then Release); this task's own deadline is the
+# fallback for a bluetoothd that does not, so it comes a little later
+WINDOW_GRACE_S = 1.0
 
 
 @dataclass
@@ -82,6 +85,7 @@ class BeaconController:
         self._next_eid = FOREVER
         self._next_tlm = FOREVER
         self.adapter: AdapterInfo | None = None
+        self._radio_lost = False
         self.stats = BeaconStats()
         self.on_registered: Callable[[Trigger, float], None] | None = None  # the benchmark's
 
@@ -131,8 +135,14 @@ class BeaconController:
             if self._cfg.mode == "continuous":
                 await self._go_on_air(None, Trigger("start", 0, self._mono()))
             while not stop.is_set():
-                await self._take_triggers()
-                await self._refresh()
+                try:
+                    await self._take_triggers()
+                    await self._refresh()
+                except HardwareUnavailable as err:
+                    # one refused advertisement (or a radio gone mid-call) loses this
+                    # trigger, not the task: the next trigger tries again
+                    self.stats.last_error = str(err)
+                    log.error("beacon: %s", err)
                 await self._sleep(stop)
         except Exception as err:
             self.stats.last_error = str(err)
@@ -153,8 +163,9 @@ class BeaconController:
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         assert self._wake is not None
+        end = self._window_end
         deadline = min(self._next_eid, self._next_tlm,
-                       self._window_end if self._window_end is not None else FOREVER)
+                       end + WINDOW_GRACE_S if end is not None else FOREVER)
         timeout = None if deadline == FOREVER else max(0.0, deadline - self._mono())
         waiters = [asyncio.ensure_future(self._wake.wait()),
                    asyncio.ensure_future(stop.wait())]
@@ -192,6 +203,8 @@ class BeaconController:
             self.stats.registrations += 1
         else:
             self.stats.updates += 1
+        if not self._radio_lost:
+            self.stats.last_error = ""
         self._schedule(now)
         if self.on_registered is not None:
             self.on_registered(trig, self._mono())
@@ -207,7 +220,9 @@ class BeaconController:
         schedule = frameset.eid_schedule(self._cfg)
         if schedule is not None and "eddystone-eid" in self._cfg.frames:
             wall = self._clock()
-            self._next_eid = now + max(0.0, schedule.next_rotation(wall) - wall)
+            # just past the boundary: a timer that fires a hair early must not rebuild the
+            # EID that is already on air
+            self._next_eid = now + max(0.0, schedule.next_rotation(wall) - wall) + 0.01
         if "eddystone-tlm" in self._cfg.frames:
             self._next_tlm = now + self._cfg.tlm_interval_s
 
@@ -216,18 +231,20 @@ class BeaconController:
         end = self._window_end
         if end is None:
             return
-        if now >= end:
-            log.info("beacon window over: off air")
+        if now >= end + WINDOW_GRACE_S:
+            if self._adv.on_air():
+                log.warning("beacon window over and the radio did not end it: withdrawing")
             for slot in list(self._adv.on_air()):
                 await self._adv.withdraw(slot)
             self._off_air()
             return
+        if now >= end:
+            return  # the window is closing: no refresh may re-arm it
         on_air = self._adv.on_air()
         remaining = None if end == FOREVER else max(1, math.ceil(end - now))
         due = []
         if now >= self._next_eid:
             due.append("eddystone-eid")
-            self.stats.rotations += 1
         if now >= self._next_tlm:
             due.append("eddystone-tlm")
         if not due:
@@ -235,10 +252,12 @@ class BeaconController:
         built = frameset.build(self._cfg, self._clock(), self._health())
         for kind in due:
             request = on_air.get(kind)
-            if request is not None:
+            if request is not None and request.advertisement != built[kind]:
                 timeout = None if request.timeout_s is None else remaining
                 await self._adv.advertise(kind, self._request(built[kind], timeout))
                 self.stats.updates += 1
+                if kind == "eddystone-eid":
+                    self.stats.rotations += 1
         self._schedule(now)
 
     def _off_air(self) -> None:
@@ -262,9 +281,16 @@ class BeaconController:
             if not self._adv.on_air() and self._window_end not in (None, FOREVER):
                 self._off_air()
         elif event is BeaconEvent.LOST:
-            self.stats.lost += 1
-            self.stats.last_error = "bluetoothd went away"
+            if not self._radio_lost:
+                self.stats.lost += 1
+                log.warning("beacon off air: bluetoothd or adapter %s went away",
+                            self._cfg.adapter)
+            self._radio_lost = True
+            self.stats.last_error = "bluetoothd or the adapter went away"
         elif event is BeaconEvent.RESTORED:
+            if self._radio_lost:
+                log.info("beacon back on air")
+            self._radio_lost = False
             self.stats.last_error = ""
         log.debug("beacon %s: %s", slot, event.name.lower())
 
