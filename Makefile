@@ -102,7 +102,7 @@ PIP_ARGS         ?=
 PURGE            ?=
 
 # pcscd and its client library at run time; the others build pyscard (no Linux wheel).
-INSTALL_PACKAGES := pcscd libpcsclite1 python3-venv python3-dev build-essential swig \
+INSTALL_PACKAGES := pcscd libpcsclite1 bluez python3-venv python3-dev build-essential swig \
                     libpcsclite-dev
 # What the wheel is built from: pyproject.toml, its readme, and every top-level package
 # (pyproject's packages.find picks those that go in).
@@ -167,9 +167,9 @@ install: install-check install-system-deps
 # but what the wheel should hold can slip into it.
 	@src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && umask 022 && \
 	tar -c --exclude=__pycache__ --exclude='*.pyc' $(SOURCE_FILES) | tar -x -C "$$src" && \
-	echo "$(D_VENV_PY) -m pip install --no-compile $(PIP_ARGS) '.[pcsc]'" && \
+	echo "$(D_VENV_PY) -m pip install --no-compile $(PIP_ARGS) '.[pcsc,ble]'" && \
 	$(D_VENV_PY) -m pip install --disable-pip-version-check --root-user-action=ignore \
-	  --no-compile $(PIP_ARGS) "$$src[pcsc]"
+	  --no-compile $(PIP_ARGS) "$$src[pcsc,ble]"
 ifneq ($(DEST),)
 # Staged: the scripts' #! lines, activate and pyvenv.cfg must name $(VENV_DIR).
 	grep -rlI -F -- '$(DEST)' $(D_VENV)/bin $(D_VENV)/pyvenv.cfg | xargs -r sed -i 's|$(DEST)||g'

@@ -1,13 +1,17 @@
 """`tapgate-headend`: the reference back office of a tapgate fleet.
 
-    run       store every gate's journal entries once, check them, acknowledge them
+    run       store every gate's journal entries once, check them, acknowledge them;
+              keep every gate's info for the beacon directory
     command   sign a command for a gate (or the fleet), send it, print the answer
     keygen    a new operator key for commands
     export    the stored entries as JSON lines, in (gate, id) order
     gates     each gate's chain state as JSON lines
+    beacon    the beacon directory: register a gate's EID key, resolve what a phone
+              heard (advertising data, hex) to its gate, list the gates
 
-Exit status: 0 done, 1 a fault (no answer, database or broker trouble), 2 a bad
-argument or key file, 3 the gate refused the command.
+Exit status: 0 done, 1 a fault (no answer, database or broker trouble; for `beacon
+resolve`, no gate has that identifier), 2 a bad argument or key file, 3 the gate refused
+the command.
 """
 
 from __future__ import annotations
@@ -90,6 +94,29 @@ def _parser() -> argparse.ArgumentParser:
 
     gates = sub.add_parser("gates", help="each gate's chain state as JSON lines")
     gates.add_argument("--db", required=True, metavar="URL")
+
+    beacon = sub.add_parser("beacon", help="the beacon directory (EID keys, resolving)")
+    bsub = beacon.add_subparsers(dest="beacon_command", required=True)
+    register = bsub.add_parser("register", help="register (or replace) a gate's EID "
+                                                "identity key")
+    register.add_argument("--db", required=True, metavar="URL")
+    register.add_argument("--gate", required=True)
+    key = register.add_mutually_exclusive_group(required=True)
+    key.add_argument("--key", metavar="HEX", help="the identity key, 32 hex digits (a "
+                                                  "command line is visible: prefer --key-file)")
+    key.add_argument("--key-file", type=Path, help="the key as 32 hex digits, mode 0600")
+    register.add_argument("--exponent", type=int, required=True, metavar="K",
+                          help="the EID changes every 2**K seconds (0..15), as on the gate")
+    register.add_argument("--epoch", type=int, required=True, metavar="UNIX",
+                          help="unix time the gate's EID counter starts from")
+    resolve = bsub.add_parser("resolve", help="the gate whose beacon sent these advertising "
+                                              "data; exit 1 if none")
+    resolve.add_argument("data", metavar="HEX", help="the advertising data a phone saw")
+    resolve.add_argument("--db", required=True, metavar="URL")
+    resolve.add_argument("--at", type=float, metavar="UNIX",
+                         help="when the phone saw it (default: now); matters for EIDs")
+    listing = bsub.add_parser("list", help="the gates of the directory as JSON lines")
+    listing.add_argument("--db", required=True, metavar="URL")
     return parser
 
 
@@ -174,12 +201,48 @@ def _gates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _beacon(args: argparse.Namespace) -> int:
+    from headend.beacons import BeaconDirectory, NotAnIdentity
+
+    with BeaconDirectory(args.db) as directory:
+        if args.beacon_command == "register":
+            gate = check_topic_level("--gate", args.gate)
+            if args.key_file is not None:
+                option, text = "--key-file", keys._read_secret("--key-file", args.key_file)
+            else:
+                option, text = "--key", args.key.encode()
+            try:
+                key = bytes.fromhex(text.decode("ascii").strip())
+                directory.register_eid(gate, key, args.exponent, args.epoch)
+            except (UnicodeDecodeError, ValueError) as err:
+                raise ConfigError(option, str(args.key_file or "(key)"), str(err)) from err
+            print(json.dumps({"gate": gate, "exponent": args.exponent, "epoch": args.epoch,
+                              "registered": True}))
+            return 0
+        if args.beacon_command == "resolve":
+            try:
+                data = bytes.fromhex("".join(c for c in args.data if c not in ": -_"))
+                found = directory.resolve(data, args.at)
+            except NotAnIdentity as err:
+                raise ConfigError("advertising data", args.data, str(err)) from err
+            except ValueError as err:
+                raise ConfigError("advertising data", args.data, "is not hex") from err
+            if found is None:
+                print("tapgate-headend: no gate has that identifier", file=sys.stderr)
+                return EXIT_FAULT
+            print(json.dumps(found.to_json(), sort_keys=True))
+            return 0
+        for row in directory.gates():
+            print(json.dumps(row, separators=(",", ":")))
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     handlers = {"run": _run, "command": _command, "keygen": _keygen, "export": _export,
-                "gates": _gates}
+                "gates": _gates, "beacon": _beacon}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -11,6 +11,10 @@ acknowledges them in arrival order, so a slow database never stalls keepalives. 
 queue is bounded by the Receive Maximum the head-end announces: the broker holds the rest.
 Several instances on ``$share/headend/...`` split the gates' batches between them; they
 must share one database (the chain of a gate spans the batches every instance gets).
+
+The gates' retained info (``tapgate/v1/+/info``, not shared: every instance gets every
+gate's, and the newest wins in the database) feeds the beacon directory
+(:mod:`headend.beacons`) on the same worker; a malformed one is refused and logged.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.sync import contract
+from headend.beacons import STORED, BeaconDirectory
 from headend.mqtt import Broker, connect_properties, new_client, publish_properties
 from headend.store import Store, StoreError
 from headend.verify import Verifier
@@ -34,23 +39,30 @@ from headend.verify import Verifier
 log = logging.getLogger("tapgate.headend")
 
 RECEIVE_MAXIMUM = 64  # batches in flight to one instance, unacked
+INFO_SUBSCRIPTION = contract.info_topic("+")
 
 
 class Consumer:
     def __init__(self, *, store: Store, verifier: Verifier, broker: Broker, client_id: str,
                  subscription: str = contract.HEADEND_SHARE,
+                 info_subscription: str | None = INFO_SUBSCRIPTION,
+                 directory: BeaconDirectory | None = None,
                  crash_after_store: int | None = None) -> None:
         self.store = store
         self.verifier = verifier
         self.broker = broker
         self.client_id = client_id
         self.subscription = subscription
+        # None: batches only, no beacon directory
+        self.info_subscription = info_subscription
+        self.directory = directory
         # TEST HOOK ONLY (--test-crash-after-store): SIGKILL this process right after the
         # N-th batch is committed and before it is acknowledged.
         self._crash_after_store = crash_after_store
         self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.batches = 0
         self.entries = 0
+        self.infos = 0  # gate infos stored into the beacon directory
 
     # -- paho's thread -----------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
@@ -59,15 +71,19 @@ class Consumer:
             log.error("%s refused the connection: %s", self.broker, reason)
             return
         log.info("connected to %s as %s", self.broker, self.client_id)
-        client.subscribe(self.subscription, options=SubscribeOptions(qos=1))
+        client.subscribe([(t, SubscribeOptions(qos=1)) for t in self._subscriptions()])
+
+    def _subscriptions(self) -> list[str]:
+        return [self.subscription] + ([self.info_subscription] if self.info_subscription
+                                      else [])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Any) -> None:
         if any(r.is_failure for r in reasons):
-            log.error("subscription to %s refused: %s", self.subscription,
+            log.error("subscription to %s refused: %s", " and ".join(self._subscriptions()),
                       ", ".join(str(r) for r in reasons))
             return
-        log.info("ready: subscribed to %s", self.subscription)
+        log.info("ready: subscribed to %s", " and ".join(self._subscriptions()))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason: ReasonCode, properties: Any) -> None:
@@ -81,6 +97,10 @@ class Consumer:
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; then disconnect. Batches not yet acknowledged
         stay with their gates, which send them again."""
+        if self.info_subscription and self.directory is None:
+            self.directory = BeaconDirectory(self.store.db)
+        if self.directory is not None:
+            self.directory.open()
         client = new_client(self.broker, self.client_id, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
@@ -100,7 +120,8 @@ class Consumer:
         finally:
             client.disconnect()
             client.loop_stop()
-            log.info("stopped: %d batches, %d new entries stored", self.batches, self.entries)
+            log.info("stopped: %d batches, %d new entries stored, %d gate infos", self.batches,
+                     self.entries, self.infos)
 
     def handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -114,6 +135,9 @@ class Consumer:
     def _handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         levels = msg.topic.split("/")
         gate = levels[2] if len(levels) == 4 else msg.topic
+        if len(levels) == 4 and levels[3] == "info":
+            self._info(gate, bytes(msg.payload))
+            return
         props = msg.properties
         response = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
@@ -152,3 +176,17 @@ class Consumer:
             response = contract.ack_topic(gate)
         client.publish(response, ack.encode(), qos=1, properties=publish_properties(
             correlation=correlation if correlation else batch.batch_id.encode()))
+
+    def _info(self, gate: str, payload: bytes) -> None:
+        """A gate's retained info: into the beacon directory (a malformed one is refused
+        there, logged; it never stops the consumer)."""
+        if self.directory is None:
+            return
+        try:
+            outcome = self.directory.ingest(gate, payload)
+        except StoreError:
+            raise
+        except Exception:  # untrusted input: a bug it finds must not stop the batches
+            log.exception("info of %s refused: it broke the directory", gate)
+            return
+        self.infos += outcome == STORED

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import re
+import uuid
 import signal
 import subprocess
 import sys
@@ -554,6 +555,11 @@ def daemon_config(tmp_path: Path, gate: str, broker: Mosquitto, journal: Path,
     raw["mqtt"] = {"host": broker.host, "port": broker.port, "batch_size": 7, "window": 2,
                    "reconnect_min_s": 0.05, "reconnect_max_s": 0.5, "ack_timeout_s": 5.0,
                    "status_interval_s": 0.3}
+    raw["gate"].update(name="North entrance 3", station="Central",
+                       page_url=f"https://transit.example/g/{gate}")
+    raw["beacon"] = {"enabled": True, "backend": "sim", "uuid": str(uuid.uuid4()),
+                     "major": 1, "minor": 7, "namespace": "8b0ca750e7a74e14bd99",
+                     "url": "https://tg.example/a7", "eid_key": "00" * 16}
     path = tmp_path / "tapgate.toml"
     path.write_text(toml_text(raw), encoding="utf-8")
     return path
@@ -687,6 +693,8 @@ def test_what_a_real_gate_and_head_end_publish_matches_the_document(
     assert counts["batch"] >= 3 and counts["ack"] >= 3, counts
     assert counts["signedCommand"] == len(OPERATIONS) and counts["desired"] == 1, counts
     assert counts["reply"] == len(OPERATIONS) and counts["reported"] >= 1, counts
+    assert counts["info"] >= 2, counts  # once per connection, retained
+    assert all(s.retain for s in sniffer.on(contract.info_topic(gate)))
 
     # commands: what the gate did, and every answer on the command's Response Topic
     # (one level under the target's reply topic, the nonce = the Correlation Data)

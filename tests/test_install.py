@@ -204,11 +204,11 @@ def test_real_install_uses_no_test_knobs() -> None:
     """`make -n install` (nothing runs): with no knob given, the real thing happens."""
     plan = _ok(_make("-n", "install"))
     assert re.search(r"apt-get install .*\$missing", plan)
-    for package in ("pcscd", "libpcsclite1", "python3-venv", "swig", "libpcsclite-dev",
-                    "build-essential", "python3-dev"):
+    for package in ("pcscd", "libpcsclite1", "bluez", "python3-venv", "swig",
+                    "libpcsclite-dev", "build-essential", "python3-dev"):
         assert re.search(rf"for p in [^;]*\b{re.escape(package)}\b", plan), package
     assert re.search(r"/usr/bin/python3 -m venv +/opt/tapgate/venv\b", plan)
-    pip = re.search(r"/opt/tapgate/venv/bin/python -m pip install (.*?)\"\$src\[pcsc\]\"",
+    pip = re.search(r"/opt/tapgate/venv/bin/python -m pip install (.*?)\"\$src\[pcsc,ble\]\"",
                     plan, re.S)
     assert pip and "--no-deps" not in pip.group(1), plan
     assert re.search(r"compileall -q -j0 +/opt/tapgate/venv/lib", plan)
