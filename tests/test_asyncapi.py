@@ -23,12 +23,12 @@ import itertools
 import json
 import os
 import re
-import uuid
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
