@@ -11,8 +11,9 @@ CONFIG ?= config/tapgate.toml
 # Debian packages: building pyscard, the PC/SC stack with the vpcd virtual reader.
 SYSTEM_PACKAGES := python3-venv python3-dev build-essential swig libpcsclite-dev \
                    pcscd vsmartcard-vpcd
-# What only the tests need: a real broker, systemd-analyze for the unit, a D-Bus daemon.
-TEST_PACKAGES := mosquitto systemd dbus
+# What only the tests need: a real broker, systemd-analyze for the unit, a D-Bus daemon,
+# and dbus-python for python-dbusmock's BlueZ (run under the system python3).
+TEST_PACKAGES := mosquitto systemd dbus python3-dbus python3-gi
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test check lint typecheck system-deps test-system-deps bench clean \
@@ -24,7 +25,7 @@ run: $(VENV)/.run-deps
 # The real components are required: a missing pcscd or mosquitto fails the run instead
 # of skipping what needs it.
 test: system-deps test-system-deps $(VENV)/.test-deps
-	TAPGATE_REQUIRE_PCSC=1 TAPGATE_REQUIRE_MQTT=1 $(PY) -m pytest -q
+	TAPGATE_REQUIRE_PCSC=1 TAPGATE_REQUIRE_MQTT=1 TAPGATE_REQUIRE_BLUEZ=1 $(PY) -m pytest -q
 	$(MAKE) --no-print-directory check
 
 check: lint typecheck
@@ -64,8 +65,11 @@ $(VENV)/.run-deps: $(VENV)/bin/python pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# python-dbusmock >= 0.30 has BlueZ's LEAdvertisingManager1 (Debian 12 ships 0.28): pure
+# Python, kept beside the venv and run by the system python3, which has dbus-python.
 $(VENV)/.test-deps: $(VENV)/bin/python pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --upgrade --no-deps --target $(VENV)/dbusmock python-dbusmock==0.38.1
 	touch $@ $(VENV)/.run-deps
 
 clean:

@@ -114,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     with_config(scan)
     scan.add_argument("--seconds", type=float, default=5.0, help="how long to listen")
     scan.add_argument("--json", action="store_true", help="one JSON document")
+    selfcheck = bsub.add_parser(
+        "selfcheck", help="listen on a second adapter for the gate's own beacon frames",
+        description="Exit 0 when every frame on air now was heard, 1 otherwise. Run it "
+                    "while the beacon is on air (continuous mode, or within a window).")
+    with_config(selfcheck)
+    selfcheck.add_argument("--adapter", required=True, help="the listening adapter (hci1)")
+    selfcheck.add_argument("--seconds", type=float, default=10.0,
+                           help="how long to listen for each frame")
 
     config = sub.add_parser("config", help="configuration")
     csub = config.add_subparsers(dest="config_command", required=True)
@@ -230,6 +238,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
         if args.beacon_command == "show":
             return cli_beacon.show(config, at=args.at, as_json=args.json)
+        if args.beacon_command == "selfcheck":
+            return cli_beacon.selfcheck(config, adapter=args.adapter, seconds=args.seconds)
         return cli_beacon.scan(config, seconds=args.seconds, as_json=args.json)
     command = args.journal_command
     if command == "verify":

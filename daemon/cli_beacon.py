@@ -37,8 +37,9 @@ def show(config: Config, *, at: float | None, as_json: bool) -> int:
     out.write(f"a phone within {beacon.distance_m:g} m should hear it at RSSI >= "
               f"{beacon.rssi_threshold} dBm (measured power {beacon.measured_power} dBm at "
               f"1 m, path-loss exponent {beacon.path_loss_exponent:g})\n")
-    out.write("AD structures in BlueZ's order; it writes the Flags last (0x06 on an LE-only "
-              "adapter, 0x02 with BR/EDR on)\n")
+    out.write("AD structures in BlueZ's order. A broadcast advertisement carries no Flags "
+              "while BR/EDR is on;\non an LE-only adapter (ControllerMode = le) the kernel "
+              "puts 02 01 04 first.\n")
     for kind, frame in doc["frames"].items():
         out.write(f"\n{kind} ({frame['length']} bytes on air)\n")
         for ad in frame["ad"]:
@@ -75,4 +76,25 @@ def scan(config: Config, *, seconds: float, as_json: bool) -> int:
     for row in rows:
         near = "near" if row["within"] else "farther"
         print(f"{row['address']}  RSSI {row['rssi']:>4} dBm  ~{row['distance_m']:.1f} m  {near}")
+    return 0
+
+
+def selfcheck(config: Config, *, adapter: str, seconds: float) -> int:
+    from hal.ble.scan import self_check
+
+    beacon = config.beacon
+    if adapter == beacon.adapter:
+        raise ConfigError("--adapter", adapter, "is the advertising adapter "
+                          "(beacon.adapter); listen on a second one")
+    frames = frameset.build(beacon, time.time())
+    missing = []
+    for kind, adv in frames.items():
+        heard = asyncio.run(self_check(adv, adapter=adapter, duration_s=seconds))
+        print(f"{kind:<14} {'on air' if heard else 'NOT HEARD'}")
+        if not heard:
+            missing.append(kind)
+    if missing:
+        print(f"not heard on {adapter} within {seconds:g} s: {', '.join(missing)}",
+              file=sys.stderr)
+        return 1
     return 0

@@ -23,6 +23,10 @@ BACKENDS: dict[str, dict[str, tuple[str, str]]] = {
     "gateio": {
         "sim": ("hal.gate.sim:SimGateIO", "tapgate"),
     },
+    "ble": {
+        "sim": ("hal.ble.sim:SimAdvertiser", "tapgate"),
+        "bluez": ("hal.ble.bluez:BluezAdvertiser", "dbus-fast"),
+    },
 }
 
 

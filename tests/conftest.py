@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import Rig, TinyDisk, tiny_disk
 
-pytest_plugins = ["tests.fixtures.pcsc", "tests.fixtures.mosquitto"]
+pytest_plugins = ["tests.fixtures.pcsc", "tests.fixtures.mosquitto", "tests.fixtures.bluez"]
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ data, service data, name, appearance, other ``Data``. BlueZ sends a UUID string 
 form ``0000xxxx-0000-1000-8000-00805f9b34fb`` as 16 bits (``bt_string_to_uuid``), so
 Eddystone goes out as ``AA FE`` as its spec needs.
 
-The Flags byte is not ours: for a ``broadcast`` instance the kernel adds 0x04 (no BR/EDR)
-on an LE-only adapter and no Flags with BR/EDR on; a ``peripheral`` on a discoverable
-adapter gets 0x06 (0x02 with BR/EDR). With ``Discoverable`` set (BlueZ >= 5.50) BlueZ
-writes them itself, 0x06 (0x02 if the adapter has BR/EDR and is discoverable), *after* the
-service data; scanners do not care where Flags sit. ``flags=`` models the kernel's Flags
+The Flags byte is not ours: for a ``broadcast`` instance (what the gate registers: a
+beacon takes no connections) the kernel adds 0x04 (no BR/EDR) on an LE-only adapter and
+no Flags with BR/EDR on; BlueZ refuses ``Discoverable`` on a broadcast advertisement
+("Broadcast cannot set flags", src/advertising.c). A ``peripheral`` on a discoverable
+adapter gets 0x06 (0x02 with BR/EDR). ``flags=`` models the kernel's Flags
 (first), ``flags=None`` none. Frame layouts: google/eddystone ``eddystone-*`` specs; iBeacon
 ``4C 00 | 02 15 | UUID | major | minor | measured power``, big-endian.
 """

@@ -74,15 +74,18 @@ def _need(value: T | None) -> T:
     return value
 
 
-def describe(config: BeaconConfig, now: float, *, flags: int = 0x06) -> dict[str, Any]:
+def describe(config: BeaconConfig, now: float, *, flags: int | None = None
+             ) -> dict[str, Any]:
     """What ``tapgate beacon show`` prints: per frame, the AD structures in the order
-    BlueZ sends them, the whole advertising payload, and what it parses back to. ``flags``:
-    0x06 on an LE-only adapter (``ControllerMode = le``), 0x02 with BR/EDR on."""
+    BlueZ sends them, the whole advertising payload, and what it parses back to.
+
+    A ``broadcast`` advertisement cannot ask BlueZ for Flags: with BR/EDR on (the Pi's
+    default) none go on air; on an LE-only adapter the kernel puts Flags 0x04 first
+    (``flags=0x04`` shows that)."""
     shown: dict[str, Any] = {}
     for kind, adv in build(config, now).items():
-        # BlueZ writes the Flags of a Discoverable advertisement itself, after the rest
-        structures = [*adv.ad_structures(flags=None), (0x01, bytes([flags]))]
-        payload = b"".join(bytes([len(data) + 1, t]) + data for t, data in structures)
+        structures = adv.ad_structures(flags=flags)
+        payload = adv.payload(flags=flags)
         shown[kind] = {
             "ad": [{"type": f"0x{t:02X}", "data": data.hex().upper()} for t, data in structures],
             "payload": payload.hex().upper(),
