@@ -125,6 +125,8 @@ def toml_text(raw: dict[str, dict[str, Any]]) -> str:
             return repr(v)
         if isinstance(v, str):
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(item) for item in v) + "]"
         raise TypeError(v)
 
     lines: list[str] = []
