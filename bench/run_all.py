@@ -5,7 +5,8 @@ Modest sizes by default (a few minutes in all); ``--big`` for the full sizes, or
     python -m bench.run_all [--big] [--latency-taps N] [--throughput-taps N]
                             [--throughput-cards N]
 
-tap_latency needs pcscd and vsmartcard-vpcd (it starts pcscd if none runs); the exit
+tap_latency needs pcscd and vsmartcard-vpcd (it starts pcscd if none runs), drain
+mosquitto, beacon dbus-daemon and python-dbusmock (`make test` installs them); the exit
 status is non-zero if a benchmark failed to run (a missed target is no failure).
 """
 
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if run("tap throughput (sim reader)", "bench.tap_throughput",
            "--taps", str(sizes["throughput_taps"]), "--cards", str(sizes["throughput_cards"])):
         failed.append("tap_throughput")
+    if run("journal drain over MQTT (mosquitto)", "bench.drain",
+           "--entries", "100000" if args.big else "30000"):
+        failed.append("drain")
+    if run("beacon (BlueZ mock on D-Bus)", "bench.beacon"):
+        failed.append("beacon")
     if failed:
         print(f"failed to run: {', '.join(failed)}")
         return 1

@@ -197,8 +197,14 @@ class BeaconController:
         with self._lock:
             self._window_end = FOREVER if until is None else until
         timeout = None if until is None else max(1, math.ceil(until - now))
-        for kind, adv in frameset.build(self._cfg, self._clock(), self._health()).items():
-            await self._adv.advertise(kind, self._request(adv, timeout))
+        built = frameset.build(self._cfg, self._clock(), self._health())
+        # one D-Bus round trip for all frames, not one after the other
+        results = await asyncio.gather(
+            *(self._adv.advertise(kind, self._request(adv, timeout))
+              for kind, adv in built.items()), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
         if first:
             self.stats.registrations += 1
         else:
