@@ -9,6 +9,8 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
+from daemon.errors import TapgateError
+
 log = logging.getLogger("tapgate.supervisor")
 
 BACKOFF_FIRST_S = 0.5
@@ -28,6 +30,8 @@ async def supervise(name: str, body: Callable[[], Awaitable[None]], stop: asynci
             log.warning("task %s returned by itself; restarting", name)
         except asyncio.CancelledError:
             raise
+        except TapgateError as err:  # a known fault (no bluetoothd, a lost broker): one line
+            log.error("task %s failed: %s", name, err)
         except Exception:
             log.exception("task %s failed", name)
         if loop.time() - started > HEALTHY_AFTER_S:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,38 @@ async def daemon_owner(bluez: BluezMock, path: str) -> str:
             continue
         return str(name)
     raise AssertionError(f"nobody on the bus exports {path}")
+
+
+def test_no_bluetoothd_costs_the_beacon_not_the_taps(tmp_path: Path, bluez: BluezMock) -> None:
+    asyncio.run(bluez.stop_bluetoothd())
+    path = write_config(tmp_path, backend="bluez", mode="continuous", frames=["ibeacon"])
+    text = path.read_text().replace("[reader]\n", "[reader]\nsim_interval_s = 0.2\n", 1)
+    path.write_text(text.replace("sim_interval_s = 0\n", "", 1)
+                    + '\n[service]\nstatus_interval_s = 0.5\n')
+    daemon = Daemon(path)
+    try:
+        daemon.wait_log("tapgate running")
+        daemon.wait_log("task beacon failed: ble: ")  # one clear line, no traceback
+        assert daemon.count("Traceback") == 0
+        taps = daemon.count("tapgate.tap: tap ")
+        daemon.wait_log("tapgate.tap: tap ", taps + 3)  # the gate goes on taking taps
+
+        def status() -> dict[str, Any]:
+            proc = cli("status", "--config", str(path), "--json")
+            doc: dict[str, Any] = json.loads(proc.stdout)
+            return doc
+
+        deadline = time.monotonic() + 30
+        while "beacon radio unavailable" not in status()["alarms"]:
+            assert time.monotonic() < deadline, status()
+            time.sleep(0.2)
+
+        asyncio.run(bluez.start_bluetoothd())
+        daemon.wait_log("beacon adapter hci0")  # the task's next attempt finds it
+        daemon.wait_log("beacon ibeacon on air")
+        while "beacon radio unavailable" in status()["alarms"]:
+            assert time.monotonic() < deadline + 60, status()
+            time.sleep(0.2)
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
