@@ -12,9 +12,10 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from daemon.journal import Journal
 from daemon.outcome import Outcome, TapResult
@@ -31,6 +32,26 @@ class JournalGauges:
     pending_recoveries: int
     pending_sync: int
     sync_lag_s: float  # age of the oldest entry the head-end has not acknowledged
+
+
+def beacon_lines(state: Mapping[str, Any]) -> list[str]:
+    """The beacon task's state (BeaconController.state) as metrics."""
+    return [
+        "# HELP tapgate_beacon_on_air Advertisements on air now (one per frame).",
+        "# TYPE tapgate_beacon_on_air gauge",
+        f"tapgate_beacon_on_air {len(state['on_air'])}",
+        "# HELP tapgate_beacon_triggers_total Beacon triggers taken, by source.",
+        "# TYPE tapgate_beacon_triggers_total counter",
+        *(f'tapgate_beacon_triggers_total{{source="{src}"}} {state["triggers"].get(src, 0)}'
+          for src in ("tap", "command", "button")),
+        "# HELP tapgate_beacon_rotations_total EID changes put on air.",
+        "# TYPE tapgate_beacon_rotations_total counter",
+        f"tapgate_beacon_rotations_total {state['rotations']}",
+        "# HELP tapgate_beacon_radio_up Whether the beacon's radio (bluetoothd, the adapter) "
+        "works.",
+        "# TYPE tapgate_beacon_radio_up gauge",
+        f"tapgate_beacon_radio_up {0 if state['last_error'] else 1}",
+    ]
 
 
 class Metrics:

@@ -18,7 +18,13 @@ from daemon.config import Config
 from daemon.errors import TapgateError
 from daemon.journal import Journal
 from daemon.loop import CardLoop
-from daemon.metrics import Metrics, journal_gauges, serve_http, write_textfile
+from daemon.metrics import (
+    Metrics,
+    beacon_lines,
+    journal_gauges,
+    serve_http,
+    write_textfile,
+)
 from daemon.notify import Notifier, run_watchdog
 from daemon.outcome import Outcome, TapResult
 from daemon.status import StatusBoard, run_status_writer
@@ -62,7 +68,10 @@ class Gate:
 
     def render_metrics(self) -> str:
         journal = journal_gauges(self.journal, time.time())
-        return self.metrics.render(journal, self.journal.recovery_counts())
+        text = self.metrics.render(journal, self.journal.recovery_counts())
+        if self.beacon is not None:
+            text += "\n".join(beacon_lines(self.beacon.state())) + "\n"
+        return text
 
     def telemetry(self) -> dict[str, Any]:
         """What the retained status carries (read in the uplink's thread)."""

@@ -174,3 +174,37 @@ def test_the_button_triggers_the_beacon(tmp_path: Path) -> None:
         assert info["beacon"]["ibeacon"]["minor"] == 7 and info["status"] == "in_service"
     finally:
         gate.close()
+
+
+def test_the_beacon_in_the_metrics(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gate = service.build(validate(beacon_raw(tmp_path, "000000B00002", window_s=30)))
+    try:
+        beacon = gate.beacon
+        assert beacon is not None
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(beacon.run(stop))
+            beacon.trigger("tap")
+            beacon.trigger("command")
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(beacon.state()["on_air"]) < 5:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                      for f in text_string_to_metric_families(gate.render_metrics())
+                      for s in f.samples}
+            assert values[("tapgate_beacon_on_air", ())] == 5  # four IDs and the TLM
+            assert values[("tapgate_beacon_triggers_total", (("source", "tap"),))] == 1
+            assert values[("tapgate_beacon_triggers_total", (("source", "command"),))] == 1
+            assert values[("tapgate_beacon_triggers_total", (("source", "button"),))] == 0
+            assert values[("tapgate_beacon_radio_up", ())] == 1
+            assert ("tapgate_taps_total", (("outcome", "accepted"),)) in values
+            stop.set()
+            await task
+
+        asyncio.run(main())
+    finally:
+        gate.close()
