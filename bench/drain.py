@@ -2,9 +2,14 @@
 
 A journal on disk (bench.common.scratch_dir()) gets a backlog of signed entries, as a
 gate that was offline for a long time would have: debit intents and completions with
-full card data, and some refusals. A mosquitto on a free loopback port and an acking
-subscriber in a process of its own (it decodes every batch and acks its uuids per
-daemon.sync.contract, as a head-end does after storing) stand in for the back office.
+full card data and the TAC the card would have made (bench.common.MASTER_TAC), and some
+refusals. A mosquitto on a free loopback port and an acking subscriber in a process of
+its own (it decodes every batch and acks its uuids per daemon.sync.contract, as a
+head-end does after storing) stand in for the back office; with --headend the real
+tapgate-headend does, with the gate's device key and the TAC master key: it stores and
+acknowledges each batch, and checks every hash, signature and TAC after the ack. Then
+how long its verdicts took is printed too (from the start of the drain to the last
+verdict written), and how many entries it flagged (none should be).
 
   a) tapgate: daemon.sync.uplink.Uplink drains the backlog, QoS 1 batches with response
      topic and correlation data, a window of batches in flight, each entry marked synced
@@ -30,12 +35,14 @@ import multiprocessing.connection
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -43,12 +50,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.common import TERMINAL, scratch_dir
+from bench.common import MASTER_TAC, TERMINAL, scratch_dir
 from daemon.config import MqttConfig
 from daemon.journal import Draft, Journal
 from daemon.journal.entry import COMPLETED, INTENT, KIND_DEBIT, KIND_REFUSAL, REFUSED
+from daemon.purse.crypto import Purchase, card_tac_key
 from daemon.sync import contract
 from daemon.sync.uplink import Uplink
+from headend import keys
 
 GATE = TERMINAL.hex().upper()
 BARE_TOPIC = "bench/bare"
@@ -58,6 +67,7 @@ DEADLINE_S = 600.0
 # --- the backlog ---------------------------------------------------------------------------
 def drafts(n: int) -> Iterator[Draft]:
     """A gate's day: intents and their completions, a refusal now and then."""
+    tac_keys: dict[bytes, bytes] = {}
     i = 0
     while i < n:
         serial = bytes.fromhex("88010000") + (i % 50_000).to_bytes(4, "big")
@@ -67,18 +77,25 @@ def drafts(n: int) -> Iterator[Draft]:
             i += 1
             continue
         seq = i + 1
-        common = {"terminal_id": TERMINAL, "amount": 250, "card_serial": serial,
-                  "card_type": 1, "balance_before": 10_000, "card_counter": seq & 0xFFFF,
-                  "card_random": os.urandom(4), "terminal_seq": seq, "tx_date": "20260504",
-                  "tx_time": "080000"}
+        common: dict[str, Any] = {
+            "terminal_id": TERMINAL, "amount": 250, "card_serial": serial, "card_type": 1,
+            "balance_before": 10_000, "card_counter": seq & 0xFFFF,
+            "card_random": os.urandom(4), "terminal_seq": seq, "tx_date": "20260504",
+            "tx_time": "080000"}
+        if serial not in tac_keys:
+            tac_keys[serial] = card_tac_key(MASTER_TAC, serial)
+        tac = Purchase(card_random=common["card_random"], counter=common["card_counter"],
+                       terminal_seq=seq, amount=250, terminal_id=TERMINAL,
+                       date=bytes.fromhex(common["tx_date"]),
+                       time=bytes.fromhex(common["tx_time"])).tac(tac_keys[serial])
         yield Draft(kind=KIND_DEBIT, state=INTENT, **common)
         yield Draft(kind=KIND_DEBIT, state=COMPLETED, balance_after=9_750, mac2=os.urandom(4),
-                    tac=os.urandom(4), ref=i + 1, **common)
+                    tac=tac, ref=i + 1, **common)
         i += 2
 
 
-def build_backlog(path: Path, n: int) -> Journal:
-    journal = Journal(path, signer=Ed25519PrivateKey.generate()).open()
+def build_backlog(path: Path, n: int, signer: Ed25519PrivateKey) -> Journal:
+    journal = Journal(path, signer=signer).open()
     pending: list[Draft] = []
     for draft in drafts(n):
         pending.append(draft)
@@ -130,7 +147,6 @@ class Broker:
 def subscriber(port: int, ready: multiprocessing.connection.Connection, acking: bool) -> None:
     """Acks every batch on .../tx after decoding it (if ``acking``: not when the real
     head-end does it); counts what comes on BARE_TOPIC."""
-    stored: set[str] = set()
     counts = {"bare": 0, "batches": 0}
 
     def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -139,7 +155,6 @@ def subscriber(port: int, ready: multiprocessing.connection.Connection, acking: 
             return
         batch = contract.Batch.decode(bytes(msg.payload))
         uuids = [str(e["uuid"]) for e in batch.entries]
-        stored.update(uuids)
         counts["batches"] += 1
         assert msg.properties is not None
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -166,14 +181,16 @@ def subscriber(port: int, ready: multiprocessing.connection.Connection, acking: 
 # --- a) the uplink, b) the bare loop -------------------------------------------------------
 def wire_payloads(journal: Journal, batch: int) -> list[bytes]:
     """The batches the uplink will send, encoded the same way, for the bare loop."""
-    payloads, after = [], 0
-    while entries := journal.unacked_json(after, batch):
-        payloads.append(contract.Batch(GATE, f"bare-{len(payloads)}", entries).encode())
-        after = int(entries[-1]["id"])
+    payloads: list[bytes] = []
+    after = 0
+    while entries := journal.unacked_wire(after, batch):
+        payloads.append(contract.Batch.wrap(GATE, f"bare-{len(payloads)}", entries.json))
+        after = entries.ids[-1]
     return payloads
 
 
-def drain(journal: Journal, port: int, batch: int, window: int) -> float:
+def drain(journal: Journal, port: int, batch: int, window: int) -> tuple[float, float]:
+    """(when the uplink started, seconds until the last entry was acknowledged)"""
     config = MqttConfig(host="127.0.0.1", port=port, batch_size=batch, window=window,
                         ack_timeout_s=60, status_interval_s=3600)
     uplink = Uplink(config=config, gate_id=GATE, journal=journal)
@@ -196,7 +213,30 @@ def drain(journal: Journal, port: int, batch: int, window: int) -> float:
     assert journal.pending_sync_count() == 0
     print(f"  uplink: {uplink.stats.batches_sent} batches, {uplink.stats.entries_sent} entries "
           f"sent, {uplink.stats.entries_acked} acknowledged, {uplink.stats.resends} resends")
-    return elapsed
+    return started, elapsed
+
+
+def wait_verdicts(db: Path, n: int, started: float) -> tuple[float, int]:
+    """Until the head-end has written the verdicts of all ``n`` entries: seconds since
+    the drain started, and how many entries it flagged."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            (pending,) = con.execute("SELECT COUNT(*) FROM entry "
+                                     "WHERE hash_state = 'pending'").fetchone()
+            if not pending:
+                done = time.perf_counter() - started
+                stored, flagged = con.execute("SELECT COUNT(*), COUNT(problems) FROM entry"
+                                              ).fetchone()
+                if stored != n:
+                    sys.exit(f"bench.drain: the head-end stored {stored} of {n} entries")
+                return done, int(flagged)
+        finally:
+            con.close()
+        if time.monotonic() > deadline:
+            sys.exit(f"bench.drain: {pending} verdicts still pending")
+        time.sleep(0.1)
 
 
 def bare(port: int, payloads: list[bytes], *, one_at_a_time: bool = False) -> float:
@@ -228,12 +268,19 @@ def bare(port: int, payloads: list[bytes], *, one_at_a_time: bool = False) -> fl
     return elapsed
 
 
-def start_headend(work: Path, port: int) -> subprocess.Popen[bytes]:
-    """tapgate-headend run on a fresh SQLite store, subscribed before the drain starts."""
+def start_headend(work: Path, port: int, signer: Ed25519PrivateKey) -> subprocess.Popen[bytes]:
+    """tapgate-headend run on a fresh SQLite store with the gate's device key and the TAC
+    master key, subscribed before the drain starts."""
     log = (work / "headend.log").open("wb")
+    gate_keys, tac_key = work / "gates.toml", work / "tac.key"
+    gate_keys.write_text(f'{GATE} = "{keys.public_raw(signer).hex().upper()}"\n',
+                         encoding="ascii")
+    tac_key.write_text(MASTER_TAC.hex().upper() + "\n", encoding="ascii")
+    tac_key.chmod(0o600)
     proc = subprocess.Popen([sys.executable, "-m", "headend.cli", "--log-level", "WARNING",
                              "run", "--broker", f"127.0.0.1:{port}",
-                             "--db", f"sqlite:///{work / 'headend.db'}"],
+                             "--db", f"sqlite:///{work / 'headend.db'}",
+                             "--gate-keys", str(gate_keys), "--tac-key-file", str(tac_key)],
                             stdout=log, stderr=subprocess.STDOUT)
     time.sleep(2.0)  # its subscription must be in place before the gate sends
     if proc.poll() is not None:
@@ -253,7 +300,8 @@ def main() -> None:
 
     work = scratch_dir()
     t0 = time.perf_counter()
-    journal = build_backlog(work / "journal.db", args.entries)
+    signer = Ed25519PrivateKey.generate()
+    journal = build_backlog(work / "journal.db", args.entries, signer)
     n = journal.pending_sync_count()
     print(f"backlog: {n} signed entries in {time.perf_counter() - t0:.1f} s "
           f"({journal.size_bytes() / 1e6:.1f} MB journal)")
@@ -264,7 +312,8 @@ def main() -> None:
     sub = ctx.Process(target=subscriber, args=(broker.port, theirs, not args.headend),
                       daemon=True)
     sub.start()
-    headend = start_headend(work, broker.port) if args.headend else None
+    headend = start_headend(work, broker.port, signer) if args.headend else None
+    verdicts: tuple[float, int] | None = None
     try:
         if not ours.poll(20):
             sys.exit("bench.drain: the subscriber did not come up")
@@ -272,7 +321,9 @@ def main() -> None:
         payloads = wire_payloads(journal, args.batch)
         bare_times = [bare(broker.port, payloads)]
         serial_times = [bare(broker.port, payloads, one_at_a_time=True)]
-        elapsed = drain(journal, broker.port, args.batch, args.window)
+        started, elapsed = drain(journal, broker.port, args.batch, args.window)
+        if headend is not None:  # and before the bare loop runs again beside its checks
+            verdicts = wait_verdicts(work / "headend.db", n, started)
         bare_times.append(bare(broker.port, payloads))
         serial_times.append(bare(broker.port, payloads, one_at_a_time=True))
     finally:
@@ -293,6 +344,9 @@ def main() -> None:
     print(f"a) drains into {into}")
     print(f"a) tapgate uplink drain, acked:    {rate:10.0f} entries/s  ({elapsed:.2f} s)"
           f"  target >= 5000: {'PASS' if rate >= 5000 else 'MISS'}")
+    if verdicts is not None:
+        print(f"   head-end verdicts all written:  {n / verdicts[0]:10.0f} entries/s  "
+              f"({verdicts[0]:.2f} s from the drain's start; {verdicts[1]} flagged)")
     print(f"b) bare paho QoS 1, pipelined:     {bare_rate:10.0f} entries/s  "
           f"({', '.join(f'{t:.2f} s' for t in bare_times)})")
     print(f"   bare paho QoS 1, one at a time: {serial_rate:10.0f} entries/s  "

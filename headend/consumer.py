@@ -1,10 +1,21 @@
 """`tapgate-headend run`: take the gates' batches off the shared subscription, store them,
-then acknowledge them.
+then acknowledge them; check them after.
 
 The order is the whole point: commit the batch, then publish the application ack (to the
 batch's Response Topic, with its Correlation Data, QoS 1), then PUBACK the batch to the
 broker (manual ack). A head-end that dies anywhere before the ack leaves the batch
 unacknowledged; the gate sends it again and the store's dedupe makes that harmless.
+
+What is checked before the ack: that each entry is one (a uuid; the rest is kept aside),
+dedupe on the uuid, and the chain link to the gate's previous entry. Each entry's hash,
+signature and TAC are checked after the ack by verifying processes
+(:mod:`headend.verdicts`): an Ed25519 check costs more than storing the entry, and a gate
+draining a backlog waits for acks, not for verdicts. Until its verdicts are written an
+entry's hash, signature and TAC read ``pending`` (in the database, ``export`` and
+``gates``), and the ack's ``problems`` name only what was found before it (a broken
+chain, a reused id, a uuid stored with other content); a resend's ack names what is
+stored by then. The pending entries are in the database, so none is left unchecked by a
+stop or a crash. ``verify_after_ack=False`` checks everything before the ack instead.
 
 paho's network thread only queues messages; one worker (the caller's thread) stores and
 acknowledges them in arrival order, so a slow database never stalls keepalives. The
@@ -24,6 +35,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -34,11 +46,15 @@ from daemon.sync import contract
 from headend.beacons import STORED, BeaconDirectory
 from headend.mqtt import Broker, connect_properties, new_client, publish_properties
 from headend.store import Store, StoreError
+from headend.verdicts import VerifyingProcesses
 from headend.verify import Verifier
 
 log = logging.getLogger("tapgate.headend")
 
 RECEIVE_MAXIMUM = 64  # batches in flight to one instance, unacked
+# one per core (up to 8), niced: the checks take what storing and acknowledging leave
+VERIFYING_PROCESSES = min(8, os.cpu_count() or 1)
+CHECK_PROCESSES_S = 1.0
 INFO_SUBSCRIPTION = contract.info_topic("+")
 
 
@@ -47,9 +63,15 @@ class Consumer:
                  subscription: str = contract.HEADEND_SHARE,
                  info_subscription: str | None = INFO_SUBSCRIPTION,
                  directory: BeaconDirectory | None = None,
+                 verify_after_ack: bool = True,
+                 verifying_processes: int = VERIFYING_PROCESSES,
                  crash_after_store: int | None = None) -> None:
         self.store = store
         self.verifier = verifier
+        # not for a database no other process can open
+        self._verify_after_ack = verify_after_ack and ":memory:" not in store.url
+        self._verifying_processes = verifying_processes
+        self._verifying: VerifyingProcesses | None = None  # running: verdicts after the ack
         self.broker = broker
         self.client_id = client_id
         self.subscription = subscription
@@ -110,8 +132,17 @@ class Consumer:
                              clean_start=True,
                              properties=connect_properties(receive_maximum=RECEIVE_MAXIMUM))
         client.loop_start()
+        if self._verify_after_ack:
+            self._verifying = VerifyingProcesses(url=self.store.url, verifier=self.verifier,
+                                                 parts=self._verifying_processes)
+            self._verifying.start()
+        checked = time.monotonic()
         try:
             while not stop.is_set():
+                if self._verifying is not None and time.monotonic() - checked > (
+                        CHECK_PROCESSES_S):
+                    self._verifying.check()
+                    checked = time.monotonic()
                 try:
                     msg = self._inbox.get(timeout=0.2)
                 except queue.Empty:
@@ -120,6 +151,9 @@ class Consumer:
         finally:
             client.disconnect()
             client.loop_stop()
+            if self._verifying is not None:
+                self._verifying.stop()
+                self._verifying = None
             log.info("stopped: %d batches, %d new entries stored, %d gate infos", self.batches,
                      self.entries, self.infos)
 
@@ -152,8 +186,10 @@ class Consumer:
         notes = []
         if batch.gate != gate:
             notes.append(f"the batch says gate {batch.gate} but came on the topic of {gate}")
+        verifying = self._verifying
         stored = self.store.store_batch(gate=gate, batch_id=batch.batch_id,
-                                        entries=batch.entries, verifier=self.verifier,
+                                        entries=batch.entries,
+                                        verifier=self.verifier if verifying is None else None,
                                         stored_by=self.client_id, notes=notes)
         self.batches += 1
         self.entries += stored.new

@@ -17,7 +17,12 @@ PostgreSQL (``postgresql://...``, through playhouse.db_url). One batch is one tr
    content, goes to the ``rejected`` table with the reason.
 
 The caller acknowledges the batch only after :meth:`Store.store_batch` returned, i.e.
-after the commit.
+after the commit. Each entry's hash, signature and TAC are checked before that commit
+when a verifier is given; without one (the consumer's way: an Ed25519 check costs more
+than storing the entry) they are stored ``pending`` and :meth:`Store.record_verdicts`
+writes them later, from the verifying processes of :mod:`headend.verdicts`. A partial
+index holds exactly the entries still pending, so finding them costs what is pending,
+not the table; ``gates`` counts them per gate.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from playhouse import db_url
 
 from daemon.errors import ConfigError, TapgateError
 from headend import verify
-from headend.verify import Parsed, Verdict, Verifier
+from headend.verify import PENDING_VERDICT, Parsed, Verdict, Verifier
 
 log = logging.getLogger("tapgate.headend.store")
 
@@ -175,6 +180,7 @@ class Store:
             with self.db.atomic():
                 self.db.create_tables([self._entry, self._gate, self._rejected, self._meta],
                                       safe=True)
+                self._execute(_UNVERIFIED_INDEX, ())
                 row = self._meta.get_or_none(self._meta.key == "schema_version")
                 if row is None:
                     self._meta.create(key="schema_version", value=str(SCHEMA_VERSION))
@@ -206,12 +212,14 @@ class Store:
         return list(cursor.fetchall()) if cursor.description else []
 
     def store_batch(self, *, gate: str, batch_id: str, entries: Iterable[object],
-                    verifier: Verifier, stored_by: str, notes: Sequence[str] = (),
+                    verifier: Verifier | None, stored_by: str, notes: Sequence[str] = (),
                     received_ms: int | None = None) -> Stored:
         """Store one batch in one transaction; return once it is committed.
 
-        ``notes``: problems of the whole batch (e.g. it names another gate than its
-        topic), recorded on each of its entries.
+        ``verifier``: check each new entry's hash, signature and TAC first; None: store
+        them ``pending``, for :meth:`record_verdicts`. The chain link is checked here
+        either way. ``notes``: problems of the whole batch (e.g. it names another gate
+        than its topic), recorded on each of its entries.
         """
         now = received_ms if received_ms is not None else int(time.time() * 1000)
         parsed: list[Parsed] = []
@@ -226,11 +234,14 @@ class Store:
         # verify signatures one at a time under its lock; entries already stored (a
         # resend) are not checked again. One that another instance stores meanwhile is
         # simply a duplicate; one that arrives here unchecked is checked in the transaction.
-        try:
-            held = set(self._known([p.uuid for p in parsed]))
-        except peewee.PeeweeException:
-            held = set()
-        verdicts = {p.uuid: verifier.verify(gate, p) for p in parsed if p.uuid not in held}
+        verdicts: dict[str, Verdict] = {}
+        if verifier is not None:
+            try:
+                held = set(self._known([p.uuid for p in parsed]))
+            except peewee.PeeweeException:
+                held = set()
+            verdicts = {p.uuid: verifier.verify(gate, p) for p in parsed
+                        if p.uuid not in held}
         for attempt in range(RETRIES):
             try:
                 with self.db.atomic():
@@ -250,7 +261,8 @@ class Store:
 
     def _store(self, gate: str, batch_id: str, parsed: list[Parsed],
                malformed: list[tuple[object, str]], verdicts: dict[str, Verdict],
-               verifier: Verifier, notes: list[str], now: int, stored_by: str) -> Stored:
+               verifier: Verifier | None, notes: list[str], now: int,
+               stored_by: str) -> Stored:
         self._sql(_LOCK_GATE, (gate, now, now))
         result = Stored()
         rejects: list[dict[str, Any]] = []
@@ -294,7 +306,8 @@ class Store:
         if new:
             for p in new:
                 if p.uuid not in verdicts:
-                    verdicts[p.uuid] = verifier.verify(gate, p)
+                    verdicts[p.uuid] = (verifier.verify(gate, p) if verifier is not None
+                                        else PENDING_VERDICT)
             self._insert_new(gate, batch_id, new, verdicts, notes, twice, now, stored_by,
                              result)
         return result
@@ -322,10 +335,11 @@ class Store:
             pending += chain == verify.CHAIN_PENDING
             broken += chain == verify.CHAIN_BROKEN
             v = verdicts[p.uuid]
-            extra = [*notes, *v.notes, *notes_of.get(p.uuid, ())]
+            extra = [*notes, *notes_of.get(p.uuid, ())]
             if p.entry_id is not None and (p.entry_id in stored_ids
                                            or len(hashes[p.entry_id]) > 1):
                 extra.append(f"another entry of this gate has id {p.entry_id}")
+            extra += v.notes  # the verdicts' notes last, as record_verdicts adds them
             reasons = verify.problems(v.hash, v.sig, v.tac, chain, extra)
             if reasons:
                 result.problems[p.uuid] = "; ".join(reasons)
@@ -393,6 +407,57 @@ class Store:
             if len(ids) < CHUNK:
                 return through
 
+    # -- verdicts after the ack -----------------------------------------------------------
+    def unverified(self, limit: int, *, part: int = 0, parts: int = 1) -> list[
+            tuple[int, str, str]]:
+        """Up to ``limit`` entries whose hash, signature and TAC are still ``pending``,
+        oldest first, as (row id, gate, entry JSON); those whose row id is ``part``
+        modulo ``parts`` (several verifying processes share the work that way)."""
+        try:
+            return [(int(i), str(g), str(t)) for i, g, t in self._sql(
+                _UNVERIFIED, (parts, parts, part, limit))]
+        except peewee.PeeweeException as err:
+            raise StoreError(f"cannot read {self.url}: {err}") from err
+
+    def record_verdicts(self, verdicts: dict[int, tuple[str, Verdict]]) -> int:
+        """Write the verdicts of entries stored ``pending`` (row id -> (gate, verdict)) and
+        their flag, from the chain verdict and notes they have now: one transaction, a
+        gate at a time under the same lock its batches take, so that a batch settling
+        an entry's chain meanwhile and these verdicts do not overwrite each other's
+        flag. An entry no longer pending (another process was first) is left alone.
+        Returns how many were written."""
+        by_gate: dict[str, dict[int, Verdict]] = defaultdict(dict)
+        for row_id, (gate, verdict) in verdicts.items():
+            by_gate[gate][row_id] = verdict
+        for attempt in range(RETRIES):
+            try:
+                with self.db.atomic():
+                    return sum(self._record(gate, by_gate[gate]) for gate in sorted(by_gate))
+            except peewee.OperationalError as err:  # locked past the busy timeout, link lost
+                if attempt == RETRIES - 1:
+                    raise StoreError(f"cannot record verdicts: {err}") from err
+                log.warning("recording verdicts: %s; again", err)
+                self.db.close()
+                time.sleep(min(0.05 * 2 ** attempt, 2.0))
+            except peewee.PeeweeException as err:
+                raise StoreError(f"cannot record verdicts: {err}") from err
+        raise AssertionError("unreachable")
+
+    def _record(self, gate: str, verdicts: dict[int, Verdict]) -> int:
+        self._sql(_HOLD_GATE, (gate,))
+        updates: list[tuple[Any, ...]] = []
+        for chunk in _chunks(sorted(verdicts)):
+            for row_id, chain, notes in self._sql(_STILL_PENDING + _in(chunk), chunk):
+                v = verdicts[row_id]
+                extra = [*(json.loads(notes) if notes else []), *v.notes]
+                reasons = verify.problems(v.hash, v.sig, v.tac, chain, extra)
+                updates.append((v.hash, v.sig, v.tac, json.dumps(extra) if extra else None,
+                                _flag(reasons), row_id))
+        if updates:
+            cursor = self.db.cursor()  # type: ignore[no-untyped-call]
+            cursor.executemany(_VERDICTS.replace("?", self.db.param), updates)
+        return len(updates)
+
     def reject_payload(self, *, gate: str, payload: bytes, why: str, stored_by: str) -> None:
         """Keep a message that is not a batch at all, with why."""
         text = payload.decode("utf-8", errors="backslashreplace")
@@ -437,9 +502,15 @@ class Store:
             raise StoreError(f"cannot read {self.url}: {err}") from err
 
     def gates(self) -> list[dict[str, Any]]:
-        """The chain state of every gate."""
+        """The chain state of every gate, and how many of its entries await their
+        verdicts (``unverified``)."""
         G = self._gate
-        return [dict(row) for row in G.select().order_by(G.gate).dicts()]
+        try:
+            waiting = {str(g): int(n) for g, n in self._sql(_UNVERIFIED_PER_GATE, ())}
+            return [{**row, "unverified": waiting.get(row["gate"], 0)}
+                    for row in G.select().order_by(G.gate).dicts()]
+        except peewee.PeeweeException as err:
+            raise StoreError(f"cannot read {self.url}: {err}") from err
 
 
 # The statements of every batch, written out once: peewee's query building costs more per
@@ -460,6 +531,26 @@ _AFTER = ('SELECT DISTINCT "entry_id" FROM "entry" WHERE "gate" = ? AND "entry_i
 _UPDATE_GATE = (
     'UPDATE "gate" SET "entries" = "entries" + ?, "pending" = "pending" + ?, '
     '"broken" = "broken" + ?, "head_id" = ?, "contiguous_through" = ? WHERE "gate" = ?')
+
+# The entries whose hash, signature and TAC are not checked yet: a partial index holds
+# them (and nothing else), in both databases; the literal 'pending' lets both use it.
+_UNVERIFIED_INDEX = ('CREATE INDEX IF NOT EXISTS "entry_unverified" ON "entry" ("id") '
+                     f"WHERE \"hash_state\" = '{verify.NOT_YET}'")
+# "id" modulo N written out: to some drivers % is a placeholder
+_UNVERIFIED = ('SELECT "id", "gate", "entry_json" FROM "entry" '
+               f"WHERE \"hash_state\" = '{verify.NOT_YET}' "
+               'AND "id" - ("id" / ?) * ? = ? ORDER BY "id" LIMIT ?')
+# (a subquery in id order, or SQLite walks the whole (gate, entry_id) index to group)
+_UNVERIFIED_PER_GATE = ('SELECT "gate", COUNT(*) FROM (SELECT "gate" FROM "entry" '
+                        f"WHERE \"hash_state\" = '{verify.NOT_YET}' ORDER BY \"id\") "
+                        'AS "waiting" GROUP BY "gate"')
+# PostgreSQL: the gate row's lock, which every batch of the gate takes first (_LOCK_GATE)
+_HOLD_GATE = 'UPDATE "gate" SET "last_seen_ms" = "last_seen_ms" WHERE "gate" = ?'
+_STILL_PENDING = ('SELECT "id", "chain_state", "notes" FROM "entry" '
+                  f"WHERE \"hash_state\" = '{verify.NOT_YET}' AND \"id\" IN ")
+_VERDICTS = ('UPDATE "entry" SET "hash_state" = ?, "sig_state" = ?, "tac_state" = ?, '
+             '"notes" = ?, "problems" = ? WHERE "id" = ? AND '
+             f"\"hash_state\" = '{verify.NOT_YET}'")
 
 
 def _in(values: Sequence[Any]) -> str:

@@ -8,7 +8,9 @@
   so it is checked in :mod:`headend.store`; the words for its verdict live here.
 
 Nothing here rejects an entry: every check gives a verdict and, when it fails, a reason
-the store keeps beside the entry.
+the store keeps beside the entry. An entry stored before its hash, signature and TAC
+were checked (:mod:`headend.verdicts` checks them after the ack) has the verdict
+``pending`` on all three until then.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from daemon.journal.entry import (
     COMPLETED,
@@ -29,7 +32,7 @@ from daemon.journal.entry import (
     chain_hash,
 )
 from daemon.purse.crypto import Purchase, card_tac_key
-from daemon.sync.contract import canonical
+from daemon.sync.contract import canonical_text
 
 MAX_UUID = 64
 CARD_KEY_CACHE = 100_000  # derived K_card_tac kept, so a card's next debit costs one CMAC
@@ -40,6 +43,7 @@ TAC_OK, TAC_BAD, TAC_INCOMPLETE, TAC_UNCHECKED, TAC_NOT_A_DEBIT = (
     "ok", "bad", "incomplete", "unchecked", "not a debit")
 CHAIN_LINKED, CHAIN_BROKEN, CHAIN_PENDING, CHAIN_UNPLACED = (
     "linked", "broken", "pending", "unplaced")
+NOT_YET = "pending"  # hash, signature and TAC not checked yet: no verdict, no problem
 
 GENESIS_HEX = GENESIS.hex().upper()
 
@@ -106,7 +110,9 @@ def parse_entry(obj: object) -> Parsed | str:
     if not isinstance(obj, dict):
         return "an entry is not a JSON object"
     # sync_state is the gate's own bookkeeping at export time, not part of the entry
-    fields = {str(k): v for k, v in obj.items() if k != "sync_state"}
+    fields: dict[str, Any] = obj
+    if "sync_state" in obj or not all(type(k) is str for k in obj):
+        fields = {str(k): v for k, v in obj.items() if k != "sync_state"}
     uuid = fields.get("uuid")
     if not isinstance(uuid, str) or not 0 < len(uuid) <= MAX_UUID:
         return "an entry without a valid uuid"
@@ -116,7 +122,7 @@ def parse_entry(obj: object) -> Parsed | str:
     created = fields.get("created_ms")
     kind, state = fields.get("kind"), fields.get("state")
     return Parsed(
-        uuid=uuid, fields=fields, text=canonical(fields).decode("ascii"), entry_id=entry_id,
+        uuid=uuid, fields=fields, text=canonical_text(fields), entry_id=entry_id,
         prev_hash=_hash_hex(fields, "prev_hash"), hash=_hash_hex(fields, "hash"),
         kind=kind if isinstance(kind, str) else None,
         state=state if isinstance(state, str) else None,
@@ -142,8 +148,12 @@ def problems(hash_state: str, sig: str, tac: str, chain: str, notes: Sequence[st
     return found + list(notes)
 
 
+PENDING_VERDICT = Verdict(hash=NOT_YET, sig=NOT_YET, tac=NOT_YET)
+
+
 class Verifier:
-    """The back office's keys, applied to one entry at a time."""
+    """The back office's keys, applied to one entry at a time. It can be pickled, keys
+    and all, for the verifying processes of :mod:`headend.verdicts`."""
 
     def __init__(self, *, tac_master_key: bytes | None = None,
                  gate_keys: Mapping[str, Sequence[Ed25519PublicKey]] | None = None) -> None:
@@ -151,11 +161,20 @@ class Verifier:
         self._gate_keys = dict(gate_keys or {})
         self._card_keys: dict[bytes, bytes] = {}  # serial -> K_card_tac, derived once
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        raw = {gate: [k.public_bytes(Encoding.Raw, PublicFormat.Raw) for k in keys]
+               for gate, keys in self._gate_keys.items()}
+        return _verifier_from_raw, (self._tac_master_key, raw)
+
     def verify(self, gate: str, entry: Parsed) -> Verdict:
+        return self.verify_fields(gate, entry.fields)
+
+    def verify_fields(self, gate: str, fields: Mapping[str, Any]) -> Verdict:
+        """The verdicts on one entry's fields, as the gate exported them."""
         notes: list[str] = []
-        hash_state = self._hash(entry.fields)
-        sig = self._sig(gate, entry.fields)
-        tac, why = self._tac(entry.fields)
+        hash_state = self._hash(fields)
+        sig = self._sig(gate, fields)
+        tac, why = self._tac(fields)
         if why:
             notes.append(why)
         return Verdict(hash=hash_state, sig=sig, tac=tac, notes=tuple(notes))
@@ -211,3 +230,10 @@ class Verifier:
                 self._card_keys.clear()
             key = self._card_keys[serial] = card_tac_key(self._tac_master_key, serial)
         return (TAC_OK if purchase.tac(key) == tac else TAC_BAD), ""
+
+
+def _verifier_from_raw(tac_master_key: bytes | None,
+                       gate_keys: Mapping[str, Sequence[bytes]]) -> Verifier:
+    return Verifier(tac_master_key=tac_master_key, gate_keys={
+        gate: [Ed25519PublicKey.from_public_bytes(k) for k in keys]
+        for gate, keys in gate_keys.items()})

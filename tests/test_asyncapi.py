@@ -693,7 +693,8 @@ def test_what_a_real_gate_and_head_end_publish_matches_the_document(
     assert counts["batch"] >= 3 and counts["ack"] >= 3, counts
     assert counts["signedCommand"] == len(OPERATIONS) and counts["desired"] == 1, counts
     assert counts["reply"] == len(OPERATIONS) and counts["reported"] >= 1, counts
-    assert counts["info"] >= 2, counts  # once per connection, retained
+    # on connect, retained (the second run may be killed before it sends its own)
+    assert counts["info"] >= 1, counts
     assert all(s.retain for s in sniffer.on(contract.info_topic(gate)))
 
     # commands: what the gate did, and every answer on the command's Response Topic

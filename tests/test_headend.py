@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -34,7 +35,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.journal.entry import ENTRY_FIELDS, chain_hash
 from daemon.sync import contract
-from headend import keys
+from headend import keys, verify
 from headend.verify import Verifier, parse_entry
 from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import GateStub, SignedGate, batches, reseal
@@ -183,6 +184,18 @@ def rows(db: Path, sql: str = "SELECT * FROM entry ORDER BY gate, entry_id") -> 
         con.close()
 
 
+def verified_rows(db: Path, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The stored entries once none awaits its hash, signature and TAC verdicts: the
+    verifying processes check them after the ack."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stored = rows(db)
+        if all(r["hash_state"] != "pending" for r in stored):
+            return stored
+        assert time.monotonic() < deadline, "verdicts still pending"
+        time.sleep(0.05)
+
+
 def export(db: Path, *args: str) -> list[dict[str, Any]]:
     done = headend("export", "--db", f"sqlite:///{db}", *args)
     assert done.returncode == 0, done.stderr
@@ -221,7 +234,7 @@ def test_batches_are_stored_once_and_acked_after_storing(
         assert got.topic == contract.ack_topic(gate.gate)  # the batch's response topic
         assert got.correlation == batch_id.encode()  # with its correlation data
 
-    stored = rows(h.db)
+    stored = verified_rows(h.db)
     assert [r["uuid"] for r in stored] == uuids_of(entries)
     assert {(r["hash_state"], r["sig_state"], r["chain_state"]) for r in stored} == {
         ("ok", "ok", "linked")}
@@ -288,15 +301,20 @@ def test_suspect_entries_are_flagged_and_kept(
     h = run_headend(*keyfiles(gate))
     stub = stubs(gate.gate)
     acks = stub.sync(batches(tampered, 4))
+    # The acks name what storing found (the chain); hash, signature and TAC are checked
+    # after the ack, and flagged in the database.
     problems = {u: why for a in acks.values() for u, why in a.problems.items()}
+    assert set(problems) == {tampered[i_chain]["uuid"]}
+    assert "prev_hash is not the hash" in problems[tampered[i_chain]["uuid"]]
+
+    stored = {r["uuid"]: r for r in verified_rows(h.db)}
+    problems = {u: r["problems"] for u, r in stored.items() if r["problems"]}
     assert set(problems) == {tampered[i]["uuid"] for i in (i_hash, i_sig, i_chain)} | {
         bad_tac["uuid"]}
     assert "hash does not match" in problems[tampered[i_hash]["uuid"]]
     assert "signature is not the gate's" in problems[tampered[i_sig]["uuid"]]
     assert "prev_hash is not the hash" in problems[tampered[i_chain]["uuid"]]
     assert "TAC is not the card's" in problems[bad_tac["uuid"]]
-
-    stored = {r["uuid"]: r for r in rows(h.db)}
     assert list(stored) == uuids_of(tampered)  # flagged, none dropped
     assert stored[tampered[i_hash]["uuid"]]["hash_state"] == "mismatch"
     assert stored[tampered[i_sig]["uuid"]]["sig_state"] == "bad"
@@ -308,7 +326,7 @@ def test_suspect_entries_are_flagged_and_kept(
     # The other entries' verdicts are clean: one bad entry does not taint its neighbours.
     assert {(r["hash_state"], r["sig_state"], r["chain_state"])
             for u, r in stored.items() if u not in bad} == {("ok", "ok", "linked")}
-    # A resend is acked with the same problems: they are stored, not recomputed per batch.
+    # A resend is acked with every problem: they are stored, not recomputed per batch.
     again = stub.sync(batches(tampered, 4))
     assert {u: w for a in again.values() for u, w in a.problems.items()} == problems
     (gate_row,) = rows(h.db, "SELECT * FROM gate")
@@ -412,6 +430,194 @@ def test_store_keeps_a_restarted_journal_and_flags_its_reused_ids(tmp_path: Path
         again.close()
 
 
+# --- verdicts after the ack -----------------------------------------------------------------
+def test_verdicts_after_storing_meet_the_chain_whichever_comes_first(tmp_path: Path) -> None:
+    """In process: entries stored with their verdicts pending are flagged once checked,
+    whether their verdicts or the batch that settles their chain comes first, and end
+    up as they would had they been checked before the commit."""
+    from headend.store import Store
+    from headend.verdicts import verify_pending
+
+    gate = SignedGate(tmp_path / "gate", bytes.fromhex("000000A00001"))
+    try:
+        gate.ride(12)
+        entries = gate.entries()
+    finally:
+        gate.close()
+    i_sig, half = len(entries) - 2, len(entries) // 2
+    tampered = list(entries)
+    tampered[i_sig] = {**entries[i_sig], "sig": Ed25519PrivateKey.generate().sign(
+        bytes.fromhex(entries[i_sig]["hash"])).hex().upper()}
+    verifier = Verifier(tac_master_key=MASTER_TAC_KEY,
+                        gate_keys={gate.gate: [gate.key.public_key()]})
+    with Store(f"sqlite:///{tmp_path}/later.db") as later:
+        done = later.store_batch(gate=gate.gate, batch_id="b", entries=tampered[half:],
+                                 verifier=None, stored_by="t")
+        assert (done.new, done.problems) == (len(tampered) - half, {})  # nothing known yet
+        assert [(g["unverified"], g["pending"]) for g in later.gates()] == [
+            (len(tampered) - half, 1)]
+        assert {(x["headend"]["hash"], x["headend"]["sig"], x["headend"]["tac"],
+                 tuple(x["headend"]["problems"])) for x in later.export()} == {
+            ("pending", "pending", "pending", ())}
+        # the verdicts first: the first of these still waits for its predecessor
+        assert verify_pending(later, verifier, limit=5) == 5
+        assert verify_pending(later, verifier) == len(tampered) - half - 5
+        assert verify_pending(later, verifier) == 0
+        # then the batch that settles the chain, itself checked after
+        later.store_batch(gate=gate.gate, batch_id="a", entries=tampered[:half],
+                          verifier=None, stored_by="t")
+        assert later.gates()[0]["unverified"] == half
+        odd = verify_pending(later, verifier, part=1, parts=2)  # two processes' shares
+        assert odd + verify_pending(later, verifier, part=0, parts=2) == half
+        assert abs(half - 2 * odd) <= 1
+        assert later.gates()[0]["unverified"] == 0 and later.gates()[0]["pending"] == 0
+        # a verdict written twice (two head-ends on one database): the second finds none
+        (row_id,) = next(iter(rows(tmp_path / "later.db", "SELECT id FROM entry LIMIT 1")
+                              )).values()
+        assert later.record_verdicts({row_id: (gate.gate, verifier.verify_fields(
+            gate.gate, entries[0]))}) == 0
+        after = [x["headend"] for x in later.export()]
+    with Store(f"sqlite:///{tmp_path}/before.db") as before:
+        for batch_id, chunk in (("b", tampered[half:]), ("a", tampered[:half])):
+            before.store_batch(gate=gate.gate, batch_id=batch_id, entries=chunk,
+                               verifier=verifier, stored_by="t")
+        checked_first = [x["headend"] for x in before.export()]
+    verdicts = ("hash", "sig", "tac", "chain", "problems")
+    assert [{k: h[k] for k in verdicts} for h in after] == [
+        {k: h[k] for k in verdicts} for h in checked_first]
+    flagged = {tampered[i]["uuid"]: h["problems"] for i, h in enumerate(after) if h["problems"]}
+    assert flagged == {tampered[i_sig]["uuid"]: ["signature is not the gate's device key's"]}
+    assert {h["chain"] for h in after} == {"linked"}
+
+
+def test_pending_entries_are_found_through_their_partial_index(tmp_path: Path) -> None:
+    """Finding what awaits its verdicts costs what is pending, not the whole table."""
+    from headend import store as module
+
+    with module.Store(f"sqlite:///{tmp_path}/h.db") as store:
+        for sql, params in ((module._UNVERIFIED, (2, 2, 1, 5)),
+                            (module._UNVERIFIED_PER_GATE, ())):
+            plan = str(store._sql("EXPLAIN QUERY PLAN " + sql, params))
+            assert "entry_unverified" in plan, plan
+
+
+def test_a_verifier_crosses_to_its_processes_with_its_keys(tmp_path: Path) -> None:
+    import pickle
+
+    gate = SignedGate(tmp_path / "gate", bytes.fromhex("000000A00001"))
+    try:
+        gate.ride(3)
+        debit = next(e for e in gate.entries() if (e["kind"], e["state"]) == (
+            "debit", "completed"))
+    finally:
+        gate.close()
+    verifier = Verifier(tac_master_key=MASTER_TAC_KEY,
+                        gate_keys={gate.gate: [gate.key.public_key()]})
+    copy = pickle.loads(pickle.dumps(verifier))
+    assert copy.verify_fields(gate.gate, debit) == verifier.verify_fields(
+        gate.gate, debit) == verify.Verdict(hash="ok", sig="ok", tac="ok")
+    assert pickle.loads(pickle.dumps(Verifier())).verify_fields(gate.gate, debit).sig == (
+        "no key")
+
+
+def test_what_a_stopped_headend_left_pending_is_checked_by_the_next(
+        tmp_path: Path, gates: Callable[..., SignedGate],
+        run_headend: Callable[..., Headend], keyfiles: Callable[..., tuple[str, ...]]) -> None:
+    """Entries stored, acknowledged and not yet checked when the head-end stopped (or
+    died): the next head-end on that database checks them, no batch needed."""
+    from headend.store import Store
+
+    gate = gates(taps=10)
+    db = tmp_path / "headend.db"
+    with Store(f"sqlite:///{db}") as store:
+        store.store_batch(gate=gate.gate, batch_id="a", entries=gate.entries(), verifier=None,
+                          stored_by="gone")
+    assert {r["sig_state"] for r in rows(db)} == {"pending"}
+    h = run_headend(*keyfiles(gate))
+    stored = verified_rows(h.db)
+    assert {(r["hash_state"], r["sig_state"], r["chain_state"]) for r in stored} == {
+        ("ok", "ok", "linked")}
+    h.stop()
+    checked = re.findall(r"verifying process \d+: (\d+) entries checked", h.log())
+    assert checked and sum(map(int, checked)) == len(stored)
+    done = headend("gates", "--db", f"sqlite:///{db}")
+    assert json.loads(done.stdout)["unverified"] == 0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_a_stop_signal_to_every_process_of_the_headend_stops_it(
+        tmp_path: Path, run_headend: Callable[..., Headend]) -> None:
+    """systemd stops a unit by signalling all of its processes at once: the verifying
+    processes die first, and the head-end must still stop, cleanly and soon."""
+    h = run_headend()
+    assert h.proc is not None
+    deadline = time.monotonic() + 20
+    while not (kids := [c for c in children(h.proc.pid)
+                        if "multiprocessing.spawn" in Path(f"/proc/{c}/cmdline").read_text()]):
+        assert time.monotonic() < deadline, "no verifying process"
+        time.sleep(0.05)
+    time.sleep(1.5)  # up and idle: waiting for entries to check
+    for pid in kids:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.2)  # they are gone before the head-end hears of it
+    began = time.monotonic()
+    h.stop()
+    assert time.monotonic() - began < 5
+
+
+def test_verifying_processes_share_the_work_and_go_with_their_headend(
+        tmp_path: Path, gates: Callable[..., SignedGate]) -> None:
+    """Two verifying processes check every pending entry between them; when their
+    head-end dies (SIGKILL: no stop() is called), they leave too."""
+    from headend.store import Store
+
+    gate = gates(taps=20)
+    db = tmp_path / "headend.db"
+    with Store(f"sqlite:///{db}") as store:
+        store.store_batch(gate=gate.gate, batch_id="a", entries=gate.entries(), verifier=None,
+                          stored_by="t")
+    script = (
+        "import time\n"
+        "from headend.verdicts import VerifyingProcesses\n"
+        "from headend.verify import Verifier\n"
+        f"v = VerifyingProcesses(url='sqlite:///{db}', verifier=Verifier(), parts=2)\n"
+        "v.start()\n"
+        "print(*(p.proc.pid for p in v._procs), flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env(),
+                              stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [
+            min(19, mine + 10)] * 2  # below their head-end
+        stored = verified_rows(db)
+        assert {(r["hash_state"], r["sig_state"]) for r in stored} == {("ok", "no key")}
+    finally:
+        parent.kill()
+        parent.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+        return "State:\tZ" in status
+
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, "verifying processes outlived their head-end"
+        time.sleep(0.1)
+
+
 # --- export --------------------------------------------------------------------------------
 def test_export_prints_what_was_stored(
         tmp_path: Path, gates: Callable[..., SignedGate], stubs: Callable[..., GateStub],
@@ -420,6 +626,7 @@ def test_export_prints_what_was_stored(
     h = run_headend(*keyfiles(a, b))
     for gate in (a, b):
         stubs(gate.gate).sync(list(reversed(batches(gate.entries(), 3))))
+    verified_rows(h.db)
     h.stop()
     lines = export(h.db)
     expected = [(g.gate, e) for g in sorted((a, b), key=lambda g: g.gate) for e in g.entries()]

@@ -16,16 +16,21 @@ from daemon.journal.entry import (
     ENTRY_FIELDS,
     INTENT,
     KIND_DEBIT,
+    KIND_PASS,
     KIND_RECOVERY,
     KIND_REFUSAL,
     NOT_DEBITED,
+    RECOVERED,
     REFUSED,
     SYNC_PENDING,
     SYNC_SYNCED,
     TORN,
+    UNCERTAIN,
     chain_hash,
 )
 from daemon.metrics import journal_gauges
+from daemon.sync import contract
+from tests.gate_stub import SignedGate
 from tests.helpers import TERMINAL_ID, Clock, serial_of
 
 SERIAL = serial_of(3)
@@ -135,6 +140,77 @@ def test_unacked_json_is_the_entries_export_form(journal: Journal) -> None:
     journal.append(intent(1))
     journal.append(refusal())
     assert journal.unacked_json(0, 10) == [e.to_json() for e in journal.unacked(0, 10)]
+
+
+def test_unacked_wire_is_byte_for_byte_the_batch_python_encodes(tmp_path: Path) -> None:
+    """What the uplink sends, written by SQLite, is exactly contract.Batch(...).encode() of
+    unacked_json: for every kind of entry a gate writes (signed), and for values where
+    SQLite's JSON and Python's part ways, which Python then encodes."""
+    gate = SignedGate(tmp_path / "gate", TERMINAL_ID)
+    try:
+        gate.ride(10)
+        j = gate.rig.journal
+        torn = j.append(follow(j.append(intent(900)), KIND_DEBIT, TORN))
+        j.append(follow(torn, KIND_RECOVERY, NOT_DEBITED))
+        j.append(follow(torn, KIND_RECOVERY, UNCERTAIN))
+        assert {(e.kind, e.state) for e in j.entries()} == {
+            (KIND_DEBIT, INTENT), (KIND_DEBIT, COMPLETED), (KIND_DEBIT, TORN),
+            (KIND_RECOVERY, RECOVERED), (KIND_RECOVERY, NOT_DEBITED),
+            (KIND_RECOVERY, UNCERTAIN), (KIND_REFUSAL, REFUSED), (KIND_PASS, COMPLETED)}
+        assert all(e.sig for e in j.entries())
+        odd = [j.append(refusal(reason)).id for reason in (
+            "Zürich Hbf 🚇", 'a "quoted" \\ back/slash', "tab\tnew\nline\x00\x1f", "del\x7f",
+            "<script>&amp;")]
+        # Values the journal never writes, but a column can hold: a REAL, text in a blob
+        # column, a blob in an integer column, an empty blob, a 63-bit integer, a comma
+        # in a uuid.
+        for sql in ("amount = 0.1 + 0.2", "mac2 = 'not hex'", "card_type = x'01FF'", "tac = x''",
+                    "terminal_seq = 9223372036854775807", "uuid = 'odd,uuid'"):
+            odd.append(j.append(intent(len(odd))).id)
+            j._sql(f"UPDATE entry SET {sql} WHERE id = ?", (odd[-1],))
+        plain = j.append(refusal()).id
+        for limit in (1, 4, 100):
+            after, seen = 0, []
+            while (out := j.unacked_wire(after, limit)) is not None:
+                expected = j.unacked_json(after, limit)
+                assert out.ids == [e["id"] for e in expected]
+                assert out.uuids == [e["uuid"] for e in expected]
+                assert contract.Batch.wrap("G1", "b-7", out.json) == contract.Batch(
+                    "G1", "b-7", expected).encode()
+                seen += out.ids
+                after = out.ids[-1]
+            assert seen == [e.id for e in j.entries()]
+        # A batch of ordinary entries is one statement, one row: no Python per entry.
+        statements: list[str] = []
+        j._db.connection().set_trace_callback(statements.append)
+        try:
+            assert j.unacked_wire(odd[-1], 10) == j.unacked_wire(plain - 1, 10)
+        finally:
+            j._db.connection().set_trace_callback(None)
+        assert len(statements) == 2
+        assert j.unacked_wire(plain, 10) is None
+    finally:
+        gate.close()
+
+
+def test_mark_acked_ids_is_one_update_per_run_in_one_commit(journal: Journal,
+                                                            clock: Clock) -> None:
+    ids = [journal.append(refusal()).id for _ in range(20)]
+    seen: list[str] = []
+    journal._db.connection().set_trace_callback(seen.append)
+    try:
+        # runs 0-4, 7-11, 15 and an id the journal does not have; 0 twice
+        assert journal.mark_acked_ids([*ids[7:12], ids[15], *ids[0:5], 10_000, ids[0]]) == 11
+    finally:
+        journal._db.connection().set_trace_callback(None)
+    assert sum(s.strip().upper().startswith("COMMIT") for s in seen) == 1
+    assert sum(s.strip().upper().startswith("UPDATE") for s in seen) == 4
+    assert journal.mark_acked_ids(ids[0:6]) == 1  # only ids[5] is new
+    assert journal.mark_acked_ids([]) == 0
+    assert [e.id for e in journal.unacked(0, 100)] == [ids[6], *ids[12:15], *ids[16:]]
+    acked = journal._sql("SELECT DISTINCT acked_ms FROM entry WHERE acked_ms IS NOT NULL"
+                         ).fetchall()
+    assert acked == [(int(clock() * 1000),)]
 
 
 def test_mark_acked_counts_only_newly_acknowledged_known_entries(journal: Journal,

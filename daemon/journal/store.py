@@ -17,7 +17,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid as uuidlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from daemon.errors import JournalError, JournalFull
 from daemon.journal import schema
 from daemon.journal.entry import (
     COMPLETED,
+    DRAFT_FIELDS,
     ENTRY_FIELDS,
     GENESIS,
     INTENT,
@@ -47,6 +47,12 @@ from daemon.journal.entry import (
 log = logging.getLogger("tapgate.journal")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# Anti-passback asks on every tap when a card last went through. The answer comes from
+# memory for the passages of about the last hour, and for the last this many entries at
+# open; a longer window asks SQLite.
+PASSAGES_KEPT_MS = 3_600_000
+PASSAGES_LOADED = 5000
+_NEVER = -(2**63)
 
 
 @dataclass
@@ -105,6 +111,18 @@ class Journal:
         self._tail_id = 0
         self._tail_hash = GENESIS
         self._max_seq = 0
+        # Card serial -> ids of its torn debits no recovery entry closes yet: what the
+        # journal says, read at open() and kept in step by every committed append, so that
+        # a tap asks SQLite for a card's tears only when it has some.
+        self._tears: dict[bytes, set[int]] = {}
+        # Card serial -> (id, created_ms) of its latest passage (a recognised debit or a
+        # free pass) among recent entries, oldest first; every passage it lacks was
+        # created at or before _passages_floor_ms. Read at open(), kept in step by every
+        # committed append and prune.
+        self._passages: dict[bytes, tuple[int, int]] = {}
+        self._passages_floor_ms = -_NEVER  # nothing is known before open()
+        # The WAL as checkpoint() left it, started over (see there); None: not so now.
+        self._wal_primed: tuple[int, int, int] | None = None
         self._opened = False
 
     def _sql(self, sql: str, params: Any = None) -> Any:
@@ -118,6 +136,8 @@ class Journal:
             self._db.connect(reuse_if_open=True)
             self._migrate()
             self._load_tail()
+            self._load_tears()
+            self._load_passages()
         except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
             self._db.close()
             raise _wrap(err, f"cannot open the journal {self.path}") from err
@@ -128,6 +148,8 @@ class Journal:
         if not self._db.is_closed():
             self._db.close()
         self._opened = False
+        self._wal_primed = None
+        self._passages_floor_ms = -_NEVER
 
     def __enter__(self) -> Journal:
         return self.open() if not self._opened else self
@@ -169,6 +191,53 @@ class Journal:
         stored = self._meta.get_or_none(self._meta.key == "max_terminal_seq")
         self._max_seq = max(int(seq or 0), int(stored.value) if stored else 0)
 
+    def _load_tears(self) -> None:
+        self._tears = {}
+        for torn in self.pending_recoveries():
+            if torn.card_serial is not None:
+                self._tears.setdefault(torn.card_serial, set()).add(torn.id)
+
+    def _load_passages(self) -> None:
+        horizon = max(0, self._tail_id - PASSAGES_LOADED)
+        floor = self._sql(_PASSAGES_FLOOR, (horizon,)).fetchone()[0]
+        self._passages = {}
+        self._passages_floor_ms = _NEVER if floor is None else int(floor)
+        for entry_id, serial, created_ms in self._sql(_PASSAGES_AFTER, (horizon,)).fetchall():
+            self._passages.pop(bytes(serial), None)
+            self._passages[bytes(serial)] = (int(entry_id), int(created_ms))
+
+    def _note_passages(self, entries: list[Entry]) -> None:
+        """Keep :attr:`_passages` in step with entries just committed (writer lock held)."""
+        for entry in entries:
+            if entry.card_serial is None or (entry.kind, entry.state) not in _PASSAGE_KINDS:
+                continue
+            self._passages.pop(entry.card_serial, None)  # to the end: the newest
+            self._passages[entry.card_serial] = (entry.id, entry.created_ms)
+            cutoff = entry.created_ms - PASSAGES_KEPT_MS
+            while True:
+                serial, (_, created_ms) = next(iter(self._passages.items()))
+                if created_ms >= cutoff:
+                    break
+                # the floor first: a reader on another thread never sees a passage gone
+                # that the floor does not cover
+                self._passages_floor_ms = max(self._passages_floor_ms, created_ms)
+                del self._passages[serial]
+
+    def _note_tears(self, entries: list[Entry]) -> None:
+        """Keep :attr:`_tears` in step with entries just committed."""
+        for entry in entries:
+            serial = entry.card_serial
+            if serial is None:
+                continue
+            if entry.kind == KIND_DEBIT and entry.state == TORN:
+                self._tears.setdefault(serial, set()).add(entry.id)
+            elif entry.kind == KIND_RECOVERY and entry.ref is not None:
+                ids = self._tears.get(serial)
+                if ids is not None:
+                    ids.discard(entry.ref)
+                    if not ids:
+                        del self._tears[serial]
+
     # -- writing -----------------------------------------------------------------------
     def next_terminal_seq(self) -> int:
         """The terminal sequence number the next intent will carry (never reused)."""
@@ -190,25 +259,25 @@ class Journal:
         tail_id, tail_hash = self._tail_id, self._tail_hash
         entries = []
         for draft in drafts:
-            values: dict[str, Any] = {name: getattr(draft, name) for name in draft.__slots__}
+            values: dict[str, Any] = {name: getattr(draft, name) for name in DRAFT_FIELDS}
             values.update(
                 id=tail_id + 1,
-                uuid=uuidlib.uuid4().hex,
+                uuid=_new_uuid(),
                 created_ms=int(self._clock() * 1000),
                 prev_hash=tail_hash,
-                hash=b"",
             )
-            digest = chain_hash(Entry(**values).to_json())
+            # the hash is over the entry's JSON form (Entry.to_json, less hash and sig)
+            digest = chain_hash({name: (v.hex().upper() if isinstance(v, bytes) else v)
+                                 for name, v in values.items()})
             sig = self._signer.sign(digest) if self._signer is not None else None
-            entry = Entry(**{**values, "hash": digest, "sig": sig})
+            entry = Entry(**values, hash=digest, sig=sig)
             entries.append(entry)
             tail_id, tail_hash = entry.id, entry.hash
         if not entries:
             return entries
         try:
-            with self._db.atomic():
-                for entry in entries:
-                    self._sql(_INSERT, [getattr(entry, name) for name in ENTRY_FIELDS])
+            self._insert([[getattr(entry, name) for name in ENTRY_FIELDS]
+                          for entry in entries])
         except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
             first = entries[0]
             raise _wrap(err, f"cannot append a {first.kind}/{first.state} entry") from err
@@ -216,7 +285,29 @@ class Journal:
         seqs = [e.terminal_seq for e in entries if e.terminal_seq is not None]
         if seqs:
             self._max_seq = max(self._max_seq, *seqs)
+        self._note_tears(entries)
+        self._note_passages(entries)
         return entries
+
+    def _insert(self, rows: list[list[Any]]) -> None:
+        """BEGIN, the INSERTs, COMMIT (fsynced): straight on this thread's connection,
+        without peewee's transaction objects, which cost a tap's intent tens of µs."""
+        if self._db.in_transaction():  # inside a caller's atomic(): nest in it
+            with self._db.atomic():
+                for row in rows:
+                    self._sql(_INSERT, row)
+            return
+        conn: sqlite3.Connection = self._db.connection()  # type: ignore[no-untyped-call]
+        conn.execute("BEGIN")
+        try:
+            for row in rows:
+                conn.execute(_INSERT, row)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # (SQLite ends it by itself on some errors)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
 
     # -- reading -----------------------------------------------------------------------
     def _entries(self, query: Any) -> list[Entry]:
@@ -240,6 +331,8 @@ class Journal:
     def pending_recoveries(self, serial: bytes | None = None) -> list[Entry]:
         """Torn debits not yet resolved, oldest first; for one card or for all."""
         if serial is not None:  # on every tap: a prepared statement, no query building
+            if serial not in self._tears:
+                return []  # the journal has none for this card (see _tears)
             return self._rows(_PENDING_FOR_CARD, (serial,))
         return self._entries(self._unresolved_torn().order_by(self._row.id))
 
@@ -262,8 +355,16 @@ class Journal:
         )
         return self._entries(query.order_by(Row.id))
 
-    def last_accepted_ms(self, serial: bytes) -> int | None:
-        """When this card last went through this gate (a recognised debit or a free pass)."""
+    def last_accepted_ms(self, serial: bytes, *, after_ms: int | None = None) -> int | None:
+        """When this card last went through this gate (a recognised debit or a free pass).
+
+        ``after_ms``: the caller only asks whether that was after then (anti-passback);
+        a last passage at or before it may be answered with None. Asked on every tap,
+        this is answered from memory whenever memory reaches back that far.
+        """
+        if after_ms is not None and after_ms >= self._passages_floor_ms:
+            known = self._passages.get(serial)
+            return known[1] if known is not None else None
         try:
             row = self._sql(_LAST_ACCEPTED, (serial,)).fetchone()
         except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
@@ -287,11 +388,40 @@ class Journal:
 
     def checkpoint(self) -> None:
         """Copy the WAL back into the database without blocking anyone (PASSIVE). The
-        card loop calls it when no card is in the field and every few seconds."""
+        card loop calls it when no card is in the field and every few seconds.
+
+        Once the whole WAL is in the database, the next commit starts the WAL over, and
+        the first commit of a new WAL writes and fsyncs its header before its own fsync:
+        two fsyncs where one will do. That commit would be the next tap's intent, so
+        the WAL is started over here, between taps, by a commit that changes nothing.
+        """
         try:
-            self._sql("PRAGMA wal_checkpoint(PASSIVE)")
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            if self._wal_primed is not None and self._wal_primed == self._wal_state():
+                return  # nothing was written since: the WAL holds only that commit
+            self._wal_primed = None
+            busy, frames, copied = self._sql("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
             log.warning("journal checkpoint failed (retried later): %s", err)
+            return
+        if busy == 0 and frames > 0 and copied == frames:
+            try:
+                self._start_wal_over()
+            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+                log.debug("journal WAL not started over (the next commit will): %s", err)
+
+    def _wal_state(self) -> tuple[int, int, int]:
+        """What changes whenever anything commits: this thread's connection's own
+        changes, and the data_version that moves on other connections' commits."""
+        changes, version = self._sql(_WAL_STATE).fetchone()
+        return threading.get_ident(), int(changes), int(version)
+
+    def _start_wal_over(self) -> None:
+        # rewrites user_version as it is: one page in the WAL, no content changed
+        with self._lock, self._db.atomic("IMMEDIATE"):
+            version = int(self._sql("PRAGMA user_version").fetchone()[0])
+            self._sql(f"PRAGMA user_version = {version}")
+            state = self._wal_state()  # no one else can commit before this does
+        self._wal_primed = state
 
     def free_bytes(self) -> int:
         """Free space on the journal's filesystem, as an unprivileged writer sees it."""
@@ -333,8 +463,56 @@ class Journal:
             rows = self._sql(_UNACKED, (after_id, limit)).fetchall()
         except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
             raise _wrap(err, "cannot read the journal") from err
-        return [{name: (v.hex().upper() if isinstance(v, bytes) else v)
-                 for name, v in zip(ENTRY_FIELDS, row, strict=True)} for row in rows]
+        return [_row_json(row) for row in rows]
+
+    def unacked_wire(self, after_id: int = 0, limit: int = 100) -> Outgoing | None:
+        """:meth:`unacked_json` already encoded, as the uplink sends it; None: nothing.
+
+        The entries' JSON is exactly ``json.dumps(entry.to_json(), sort_keys=True,
+        separators=(",", ":"))`` (``contract.canonical``) of each, comma-separated. SQLite
+        writes it (json_object, keys in sorted order, blobs as uppercase hex) and hands
+        the batch over as one row: no Python object per entry, and one release of the
+        GIL, not one per row (another busy thread, paho's, would hold each of those up).
+        Where SQLite's JSON and Python's could differ in a single byte (a string with
+        anything to escape or beyond printable ASCII, a REAL), Python encodes the batch."""
+        try:
+            ids, uuids, text = self._sql(_UNACKED_WIRE, (after_id, limit)).fetchone()
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
+        if ids is None:
+            return None
+        # the three aggregates saw the same rows in the same order; id order is checked,
+        # and that no uuid held a comma
+        out = Outgoing([int(i) for i in ids.split(",")], uuids.split(","), text)
+        if (not text.isascii() or "\\" in text or "\x7f" in text
+                or out.ids != sorted(out.ids) or len(out.uuids) != len(out.ids)):
+            rows = [_row_json(r) for r in self._rows_raw(_UNACKED, (after_id, limit))]
+            out = Outgoing([r["id"] for r in rows], [r["uuid"] for r in rows], ",".join(
+                json.dumps(r, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+                for r in rows))
+        return out
+
+    def _rows_raw(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            return list(self._sql(sql, params).fetchall())
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            raise _wrap(err, "cannot read the journal") from err
+
+    def mark_acked_ids(self, ids: Iterable[int]) -> int:
+        """:meth:`mark_acked` by journal id (the uplink knows the ids it sent in each
+        batch): one UPDATE per run of consecutive ids, all in one committed, fsynced
+        transaction under the writer lock. Returns how many were newly acknowledged."""
+        runs = _runs(ids)
+        if not runs:
+            return 0
+        now_ms = int(self._clock() * 1000)
+        with self._lock:
+            try:
+                with self._db.atomic():
+                    return sum(max(0, int(self._sql(_MARK_ACKED_RUN, (now_ms, first, last)
+                                                    ).rowcount)) for first, last in runs)
+            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+                raise _wrap(err, "cannot record acknowledged entries") from err
 
     def mark_acked(self, uuids: Iterable[str]) -> int:
         """Record that the head-end stored these entries: one committed, fsynced
@@ -417,6 +595,9 @@ class Journal:
         except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
             raise _wrap(err, "cannot prune the journal") from err
         self._max_seq = seq
+        # a card whose last passage went has none left in the journal (older ones went too)
+        for serial in [s for s, (entry_id, _) in self._passages.items() if entry_id <= upto]:
+            del self._passages[serial]
         return deleted
 
     def _scalar(self, sql: str, params: tuple[Any, ...]) -> Any:
@@ -516,18 +697,29 @@ _PENDING_FOR_CARD = f"""
     WHERE t.card_serial = ? AND t.kind = '{KIND_DEBIT}' AND t.state = '{TORN}'
       AND NOT EXISTS (SELECT 1 FROM entry AS r WHERE r.ref = t.id AND r.kind = '{KIND_RECOVERY}')
     ORDER BY t.id"""
+_PASSAGE_KINDS = frozenset({(KIND_DEBIT, COMPLETED), (KIND_RECOVERY, RECOVERED),
+                            (KIND_PASS, COMPLETED)})
+_IS_PASSAGE = f"""((kind = '{KIND_DEBIT}' AND state = '{COMPLETED}')
+        OR (kind = '{KIND_RECOVERY}' AND state = '{RECOVERED}')
+        OR (kind = '{KIND_PASS}' AND state = '{COMPLETED}'))"""
 _LAST_ACCEPTED = f"""
     SELECT created_ms FROM entry
-    WHERE card_serial = ? AND ((kind = '{KIND_DEBIT}' AND state = '{COMPLETED}')
-        OR (kind = '{KIND_RECOVERY}' AND state = '{RECOVERED}')
-        OR (kind = '{KIND_PASS}' AND state = '{COMPLETED}'))
+    WHERE card_serial = ? AND {_IS_PASSAGE}
     ORDER BY id DESC LIMIT 1"""
+_PASSAGES_FLOOR = f"""
+    SELECT MAX(created_ms) FROM entry
+    WHERE id <= ? AND card_serial IS NOT NULL AND {_IS_PASSAGE}"""
+_PASSAGES_AFTER = f"""
+    SELECT id, card_serial, created_ms FROM entry
+    WHERE id > ? AND card_serial IS NOT NULL AND {_IS_PASSAGE}
+    ORDER BY id"""
 
 # The uplink's statements. INDEXED BY: the partial index holds only unacknowledged
 # entries, so these cost the backlog, not the journal's length.
 _UNACKED = (f"SELECT {_COLUMNS} FROM entry INDEXED BY entry_unacked "
             "WHERE acked_ms IS NULL AND id > ? ORDER BY id LIMIT ?")
 _MARK_ACKED = "UPDATE entry SET acked_ms = ? WHERE uuid = ? AND acked_ms IS NULL"
+_MARK_ACKED_RUN = "UPDATE entry SET acked_ms = ? WHERE id BETWEEN ? AND ? AND acked_ms IS NULL"
 _PENDING_SYNC = "SELECT COUNT(*) FROM entry INDEXED BY entry_unacked WHERE acked_ms IS NULL"
 _OLDEST_UNACKED = ("SELECT created_ms FROM entry INDEXED BY entry_unacked "
                    "WHERE acked_ms IS NULL ORDER BY id LIMIT 1")
@@ -544,10 +736,61 @@ _FIRST_DANGLING_INTENT_ID = f"""
     WHERE i.kind = '{KIND_DEBIT}' AND i.state = '{INTENT}'
       AND NOT EXISTS (SELECT 1 FROM entry AS o WHERE o.ref = i.id AND o.kind = '{KIND_DEBIT}'
                       AND o.state IN ('{COMPLETED}', '{TORN}'))"""
+_WAL_STATE = "SELECT total_changes(), (SELECT data_version FROM pragma_data_version)"
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _GET_META = "SELECT value FROM meta WHERE key = ?"
 DENY_VERSION = "deny_list_version"
 DESIRED_VERSION = "desired_version"
+
+
+# What the uplink sends: each entry's canonical JSON, written by SQLite.
+def _wire_value(column: str) -> str:
+    # Entry.to_json's rule (bytes as uppercase hex, the rest as it is), in SQL. A REAL,
+    # which the journal never writes, becomes a backslash: unacked_wire then leaves
+    # the entry to Python, whose float format is not SQLite's.
+    return (f"CASE typeof({column}) WHEN 'blob' THEN hex({column}) "
+            f"WHEN 'real' THEN char(92) ELSE {column} END")
+
+
+_WIRE_JSON = "json_object(" + ", ".join(
+    f"'{name}', {_wire_value(name)}" for name in sorted(ENTRY_FIELDS)) + ")"
+_UNACKED_WIRE = (
+    "SELECT group_concat(id), group_concat(uuid), group_concat(wire) FROM ("
+    f"SELECT id, uuid, {_WIRE_JSON} AS wire FROM entry INDEXED BY entry_unacked "
+    "WHERE acked_ms IS NULL AND id > ? ORDER BY id LIMIT ?)")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """Entries not yet acknowledged, encoded for the uplink (:meth:`Journal.unacked_wire`)."""
+
+    ids: list[int]
+    uuids: list[str]
+    json: str  # their canonical JSON, comma-separated: the inside of a JSON array
+
+
+def _row_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    return {name: (v.hex().upper() if isinstance(v, bytes) else v)
+            for name, v in zip(ENTRY_FIELDS, row, strict=True)}
+
+
+def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Ids as (first, last) runs of consecutive ids, ascending."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(ids)):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _new_uuid() -> str:
+    """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` has it."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 def _meta_int(value: Any) -> int:

@@ -78,9 +78,18 @@ def info_topic(gate: str) -> str:
 HEADEND_SHARE = "$share/headend/" + PREFIX + "/+/tx"
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def canonical(obj: Any) -> bytes:
     """The bytes that are hashed or signed: sorted keys, no spaces, ASCII."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return canonical_text(obj).encode("ascii")
+
+
+def canonical_text(obj: Any) -> str:
+    """:func:`canonical` as text (one encoder for every call: json.dumps with options
+    builds a new one each time)."""
+    return _CANONICAL.encode(obj)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +102,13 @@ class Batch:
 
     def encode(self) -> bytes:
         return canonical({"gate": self.gate, "batch": self.batch_id, "entries": self.entries})
+
+    @staticmethod
+    def wrap(gate: str, batch_id: str, entries_json: str) -> bytes:
+        """:meth:`encode`, byte for byte, of entries already in canonical JSON and
+        comma-separated (the journal's ``unacked_wire``): the envelope goes around them."""
+        return b"".join((b'{"batch":', canonical(batch_id), b',"entries":[',
+                         entries_json.encode("ascii"), b'],"gate":', canonical(gate), b"}"))
 
     @classmethod
     def decode(cls, payload: bytes) -> Batch:

@@ -8,7 +8,10 @@ batches is in flight; it is refilled from the journal as acks come, so paho's in
 queue never becomes the buffer (it holds at most the window, and a client is thrown
 away with its queue when its connection ends). After any reconnect, or when acks stop
 coming, everything unacknowledged is sent again from the journal: re-sending is
-harmless, the head-end dedupes on the entry uuid.
+harmless, the head-end dedupes on the entry uuid. A batch is read from the journal
+already encoded (:meth:`Journal.unacked_wire`: SQLite writes the entries' JSON, byte for
+byte what ``contract.Batch(...).encode()`` would), and an ack is recorded by the journal
+ids of the uuids it names, which this gate read with them.
 
 One thread runs :meth:`Uplink.run` (the daemon supervises it); paho's network loop runs
 in its own thread per connection (``loop_start``) and hands acks over through a queue.
@@ -50,6 +53,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from daemon.config import MqttConfig
 from daemon.errors import SyncError
 from daemon.journal import Journal
+from daemon.journal.store import Outgoing
 from daemon.sync import contract
 from daemon.sync.backoff import Backoff
 from daemon.sync.commands import Incoming
@@ -123,8 +127,9 @@ class Uplink:
         self._boot = secrets.token_hex(4)  # batch ids are unique across restarts
         self._batch_seq = itertools.count(1)
         # batches sent, across reconnects: an ack names a batch, and only what this gate
-        # sent in it is marked synced
-        self._sent: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+        # sent in it is marked synced (journal ids and uuids, in the same order)
+        self._sent: collections.OrderedDict[str, tuple[list[int], list[str]]] = (
+            collections.OrderedDict())
         self._inflight: dict[str, float] = {}  # batch id -> when sent, this connection
         self._cursor = 0  # the last entry id sent on this connection
         self._rescan_at = 0.0
@@ -348,18 +353,18 @@ class Uplink:
             # the card loop's appends move tail_id; a periodic look covers other writers
             if self._journal.tail_id <= self._cursor and now < self._rescan_at:
                 return
-            entries = self._journal.unacked_json(self._cursor, self._cfg.batch_size)
-            if not entries:
+            entries = self._journal.unacked_wire(self._cursor, self._cfg.batch_size)
+            if entries is None:
                 self._rescan_at = now + RESCAN_S
                 self._rewind_if_left_out(now)
                 return
             if not self._publish(client, entries):
                 return
 
-    def _publish(self, client: mqtt.Client, entries: list[dict[str, Any]]) -> bool:
+    def _publish(self, client: mqtt.Client, entries: Outgoing) -> bool:
         """Send one batch (entries in their export form, as the head-end stores them)."""
         batch_id = f"{self._boot}-{next(self._batch_seq)}"
-        payload = contract.Batch(self.gate_id, batch_id, entries).encode()
+        payload = contract.Batch.wrap(self.gate_id, batch_id, entries.json)
         props = _properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self._ack_topic
         props.CorrelationData = batch_id.encode()
@@ -368,18 +373,19 @@ class Uplink:
             # the connection just went: nothing counts as sent, the journal still has it
             log.debug("batch %s not sent: %s", batch_id, mqtt.error_string(info.rc))
             return False
-        self._cursor = int(entries[-1]["id"])
+        self._cursor = entries.ids[-1]
         self._inflight[batch_id] = time.monotonic()
-        self._sent[batch_id] = [str(e["uuid"]) for e in entries]
+        self._sent[batch_id] = (entries.ids, entries.uuids)
         while len(self._sent) > REMEMBER_BATCHES:
             self._sent.popitem(last=False)
         self.stats.batches_sent += 1
-        self.stats.entries_sent += len(entries)
+        self.stats.entries_sent += len(entries.ids)
         return True
 
     def _take_acks(self) -> None:
-        """Mark what the head-end stored, from every ack that came: one journal commit."""
-        synced: list[str] = []
+        """Mark what the head-end stored, from every ack that came: one journal commit,
+        by the journal ids of the uuids each ack names."""
+        synced: list[int] = []
         while True:
             try:
                 ack = self._acks.get_nowait()
@@ -392,16 +398,19 @@ class Uplink:
                 log.debug("ack for batch %r, which this gate does not know: ignored",
                           ack.batch_id)
                 continue
+            ids, uuids = sent
             stored = set(ack.stored)
-            mine = [u for u in sent if u in stored]
-            if len(mine) < len(sent):
+            if stored.issuperset(uuids):
+                synced += ids
+            else:
+                mine = [i for i, u in zip(ids, uuids, strict=True) if u in stored]
                 log.warning("head-end stored %d of the %d entries of batch %s; the rest "
-                            "stay pending", len(mine), len(sent), ack.batch_id)
+                            "stay pending", len(mine), len(ids), ack.batch_id)
+                synced += mine
             for uuid, why in ack.problems.items():
                 log.warning("head-end flags entry %s: %s", uuid, why)
-            synced += mine
         if synced:
-            self.stats.entries_acked += self._journal.mark_acked(synced)
+            self.stats.entries_acked += self._journal.mark_acked_ids(synced)
 
     def _expire(self, now: float) -> None:
         """Acks overdue (head-end away, a message lost): send the window again, waiting
