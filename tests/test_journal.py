@@ -18,8 +18,15 @@ from daemon.journal.entry import (
     GENESIS,
     INTENT,
     KIND_DEBIT,
+    KIND_PASS,
+    KIND_RECOVERY,
     KIND_REFUSAL,
+    NOT_DEBITED,
+    RECOVERED,
     REFUSED,
+    TORN,
+    Entry,
+    canonical_json,
     chain_hash,
 )
 from tests.helpers import TERMINAL_ID, Clock, fill_journal, serial_of, unfill_journal
@@ -285,3 +292,204 @@ def test_commits_never_checkpoint_and_checkpoint_folds_the_wal(tmp_path: Path) -
         journal.checkpoint()
         assert path.stat().st_size > before
         assert journal.verify().ok and journal.count() == 399
+
+
+# --- what a tap asks of the journal, made cheap -----------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_canonical_json_is_json_dumps_byte_for_byte(seed: int) -> None:
+    """The hash is defined on json.dumps(sort_keys, compact, ASCII); the journal writes
+    that form itself, and must not differ from it in a single byte."""
+    import random
+
+    rnd = random.Random(seed)
+    texts = ["", "debit", 'a "quoted" \\ back\\slash', "tab\tnew\nline\x00\x1f\x7f",
+             "é ü 中文 😀", "\u2028\u2029", "A1B2C3D4"]
+    names = [n for n in ENTRY_FIELDS if n not in ("hash", "sig")]
+    for _ in range(300):
+        doc: dict[str, object] = {}
+        for name in names:
+            pick = rnd.randrange(4)
+            doc[name] = (None if pick == 0 else rnd.choice(texts) if pick == 1
+                         else rnd.randrange(-2**70, 2**70) if pick == 2
+                         else "".join(chr(rnd.randrange(0x110000)) for _ in range(5))
+                         .encode("utf-8", "surrogatepass").decode("utf-8", "replace"))
+        if rnd.random() < 0.5:
+            doc.update(hash="AB" * 32, sig=None, sync_state="pending")
+        body = {k: v for k, v in doc.items() if k not in ("hash", "sig", "sync_state")}
+        expected = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        assert canonical_json(doc) == expected
+
+
+@pytest.mark.parametrize("odd", [True, 1.5, float("nan"), [1], {"a": 1}])
+def test_canonical_json_leaves_other_values_to_json_dumps(odd: object) -> None:
+    doc: dict[str, object] = {n: None for n in ENTRY_FIELDS}
+    doc["amount"] = odd
+    body = {k: v for k, v in doc.items() if k not in ("hash", "sig")}
+    assert canonical_json(doc) == json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                             ensure_ascii=True)
+    # and a dict with other keys than an entry's
+    assert canonical_json({"b": 1, "a": "x"}) == '{"a":"x","b":1}'
+
+
+def tear_of(intent: Entry, reason: str = "card left during the debit") -> Draft:
+    return Draft(kind=KIND_DEBIT, state=TORN, terminal_id=intent.terminal_id,
+                 amount=intent.amount, reason=reason, card_serial=intent.card_serial,
+                 card_type=intent.card_type, balance_before=intent.balance_before,
+                 card_counter=intent.card_counter, card_random=intent.card_random,
+                 terminal_seq=intent.terminal_seq, tx_date=intent.tx_date,
+                 tx_time=intent.tx_time, ref=intent.id)
+
+
+def closing(torn: Entry, state: str = NOT_DEBITED) -> Draft:
+    return Draft(kind=KIND_RECOVERY, state=state, terminal_id=torn.terminal_id,
+                 amount=torn.amount, card_serial=torn.card_serial, ref=torn.id)
+
+
+def test_a_cards_pending_tears_follow_every_append_and_reopening(tmp_path: Path) -> None:
+    """A tap asks SQLite for a card's tears only when the journal holds some for it: the
+    answer must still be the journal's, through tears, recoveries and reopening."""
+    path = tmp_path / "journal.db"
+    other = serial_of(8)
+    with Journal(path) as journal:
+        assert journal.pending_recoveries(SERIAL) == []
+        first = journal.append(tear_of(journal.append(intent(1))))
+        second = journal.append(tear_of(journal.append(intent(2))))
+        assert [e.id for e in journal.pending_recoveries(SERIAL)] == [first.id, second.id]
+        assert journal.pending_recoveries(other) == []
+        journal.append(closing(first))
+        assert [e.id for e in journal.pending_recoveries(SERIAL)] == [second.id]
+    with Journal(path) as journal:  # read back from the journal at open
+        assert [e.id for e in journal.pending_recoveries(SERIAL)] == [second.id]
+        journal.append(closing(second, RECOVERED))
+        assert journal.pending_recoveries(SERIAL) == []
+        assert journal.pending_recoveries() == []
+        # several entries in one transaction: a tear closed, another one left pending
+        [i3, _] = journal.append_many([intent(3), refusal()])
+        closed = journal.append(tear_of(i3, "interrupted"))
+        [left, _] = journal.append_many([tear_of(i3), closing(closed)])
+        assert [e.id for e in journal.pending_recoveries(SERIAL)] == [left.id]
+    with Journal(path) as journal:
+        assert len(journal.pending_recoveries(SERIAL)) == 1 == len(journal.pending_recoveries())
+
+
+def test_a_failed_append_leaves_no_pending_tear_behind(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    with Journal(path) as journal:
+        torn = tear_of(journal.append(intent(1)))
+        raw(path, "CREATE TRIGGER no_more BEFORE INSERT ON entry BEGIN "
+                  "SELECT RAISE(ABORT, 'refused'); END")
+        with pytest.raises(JournalError):
+            journal.append(torn)
+        assert journal.pending_recoveries(SERIAL) == []
+
+
+def wal_salts(path: Path) -> bytes:
+    """The WAL header's salts: new ones each time SQLite starts the WAL over."""
+    with open(f"{path}-wal", "rb") as fh:
+        return fh.read(32)[16:24]
+
+
+def test_the_wal_is_started_over_between_taps_not_by_a_taps_commit(tmp_path: Path) -> None:
+    """The first commit of a new WAL fsyncs its header before its own fsync: the
+    checkpoint between taps starts the WAL over, so the next tap's intent does not."""
+    path = tmp_path / "journal.db"
+    with Journal(path) as journal:
+        for n in range(3):
+            journal.append(intent(n + 1))
+        journal.checkpoint()
+        salts = wal_salts(path)
+        size = path.stat().st_size
+        journal.checkpoint()  # nothing new: nothing done
+        assert wal_salts(path) == salts and path.stat().st_size == size
+        journal.append(intent(10))  # the tap's commit goes on in the WAL as it is
+        assert wal_salts(path) == salts
+        journal.checkpoint()
+        assert wal_salts(path) != salts
+        assert journal.verify().ok and journal.count() == 4
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+    db.close()
+
+
+def test_a_checkpoint_after_another_connections_commit_folds_it(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    with Journal(path) as journal:
+        journal.append(intent(1))
+        journal.checkpoint()
+        salts = wal_salts(path)
+        raw(path, "INSERT INTO meta (key, value) VALUES ('x', 'y')")  # another writer
+        journal.checkpoint()
+        assert wal_salts(path) != salts  # folded, and started over again
+
+
+def passage(serial: bytes, kind: str = KIND_DEBIT, state: str = COMPLETED) -> Draft:
+    return Draft(kind=kind, state=state, terminal_id=TERMINAL_ID, amount=250,
+                 card_serial=serial)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_anti_passback_from_memory_is_the_journals_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Every tap asks when the card last went through; that is answered from memory when
+    the memory reaches back far enough, and must then mean what the journal says: the
+    same passage, or None only for a last passage at or before ``after_ms``. Through
+    passages and other entries, a clock that jumps both ways, memory forgetting, pruning
+    and reopening."""
+    import random
+
+    from daemon.journal import store
+
+    monkeypatch.setattr(store, "PASSAGES_KEPT_MS", 60_000)
+    monkeypatch.setattr(store, "PASSAGES_LOADED", 7)
+    rnd = random.Random(seed)
+    clock = Clock()
+    cards = [serial_of(n) for n in range(1, 9)]
+    path = tmp_path / "journal.db"
+    journal = Journal(path, clock=clock).open()
+    kinds = [(KIND_DEBIT, COMPLETED), (KIND_PASS, COMPLETED), (KIND_RECOVERY, RECOVERED),
+             (KIND_REFUSAL, REFUSED), (KIND_RECOVERY, NOT_DEBITED)]
+    from_memory = 0
+    try:
+        for _ in range(400):
+            op = rnd.random()
+            clock.advance(rnd.choice([1, 5, 20, 45, 90, -30, -200]) if op < 0.9 else 0)
+            if op < 0.6:
+                kind, state = rnd.choice(kinds)
+                journal.append(passage(rnd.choice(cards), kind, state))
+            elif op < 0.63:
+                journal.close()
+                journal = Journal(path, clock=clock).open()
+            elif op < 0.66:
+                journal.mark_acked(e.uuid for e in journal.entries())
+                journal.prune(int((clock() - rnd.choice([30, 120, 600])) * 1000))
+            now_ms = int(clock() * 1000)
+            for serial in cards:
+                after = now_ms - rnd.choice([10_000, 50_000, 100_000, 300_000])
+                exact = journal.last_accepted_ms(serial)
+                answer = journal.last_accepted_ms(serial, after_ms=after)
+                assert answer == exact or (answer is None and exact is not None
+                                            and exact <= after), (serial, after)
+                from_memory += after >= journal._passages_floor_ms
+    finally:
+        journal.close()
+    assert from_memory > 100  # the memory did answer, not only SQLite
+
+
+def test_entries_get_random_uuids(tmp_path: Path) -> None:
+    import uuid
+
+    with Journal(tmp_path / "journal.db") as journal:
+        uuids = [journal.append(refusal()).uuid for _ in range(200)]
+    assert len(set(uuids)) == 200
+    for text in uuids:
+        parsed = uuid.UUID(hex=text)
+        assert (parsed.hex, parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+def test_an_append_inside_an_open_transaction_is_part_of_it(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    with Journal(path) as journal, journal._db.atomic():
+        journal.append(refusal("committed with its transaction"))
+    with Journal(path) as journal:
+        assert [e.reason for e in journal.entries()] == ["committed with its transaction"]
+        assert journal.verify().ok

@@ -149,3 +149,20 @@ def test_tap_processor_reproduces_the_vector(tmp_path: Path) -> None:
         assert_ledger([filler, card], rig.journal)
     finally:
         rig.close()
+
+
+def test_sam_checks_each_mac2_against_its_own_purchase() -> None:
+    """The SAM keeps the session key of the purchase it made MAC1 for; a MAC2 of any
+    other purchase or card (a recovery's) is still checked against that one's key."""
+    sam = SoftwareSam(purchase_key=MASTER_KEY)
+    other_serial = bytes.fromhex("8801000000009999")
+    other = Purchase(card_random=RANDOM, counter=COUNTER + 1, terminal_seq=SEQ, amount=AMOUNT,
+                     terminal_id=TERMINAL_ID, date=DATE, time=TIME)
+    other_mac2 = other.mac2(other.session_key(card_key(MASTER_KEY, SERIAL)))
+    assert sam.mac1(SERIAL, PURCHASE) == MAC1
+    assert sam.check_mac2(SERIAL, other, other_mac2)
+    assert not sam.check_mac2(SERIAL, other, MAC2)
+    assert not sam.check_mac2(other_serial, PURCHASE, MAC2)
+    assert sam.check_mac2(SERIAL, PURCHASE, MAC2)
+    sam.close()
+    assert sam.check_mac2(SERIAL, PURCHASE, MAC2) and sam.mac1(SERIAL, PURCHASE) == MAC1

@@ -418,3 +418,43 @@ def test_a_demo_card_keeps_a_bounded_history_and_a_whole_log(rig: Rig) -> None:
         rig.clock.advance(3600)
     assert len(card.history) == 12 and card.counter == 15
     assert [r.counter_before for r in card.log] == list(range(14, 4, -1))
+
+
+# --- what the passenger waits for --------------------------------------------------------
+def test_no_garbage_collection_starts_inside_a_tap(rig: Rig) -> None:
+    """A collection is a millisecond or more: none while the passenger waits, and the
+    collector is back on once the tap is over."""
+    import gc
+
+    seen: list[bool] = []
+    opened = rig.gate.open_for_passage
+
+    def open_for_passage() -> None:
+        seen.append(gc.isenabled())
+        opened()
+
+    rig.gate.open_for_passage = open_for_passage  # type: ignore[method-assign]
+    assert gc.isenabled()
+    assert rig.tap(rig.card(1, 5000)).outcome is Outcome.ACCEPTED
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # a program that runs without the collector keeps it off
+    try:
+        assert rig.tap(rig.card(2, 5000)).outcome is Outcome.ACCEPTED
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_the_card_gets_the_date_and_time_as_bcd() -> None:
+    import random
+    import time
+
+    from daemon.tap import bcd
+
+    rnd = random.Random(7)
+    for _ in range(2000):
+        stamp = time.localtime(rnd.uniform(946684800, 4102444799))  # 2000..2099
+        assert bcd(stamp.tm_year // 100, stamp.tm_year % 100, stamp.tm_mon,
+                   stamp.tm_mday) == bytes.fromhex(time.strftime("%Y%m%d", stamp))
+        assert bcd(stamp.tm_hour, stamp.tm_min, stamp.tm_sec) == bytes.fromhex(
+            time.strftime("%H%M%S", stamp))

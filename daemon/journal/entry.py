@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, fields
+from json.encoder import encode_basestring_ascii as _json_str  # json.dumps's own
 from typing import Any
 
 KIND_DEBIT = "debit"
@@ -105,12 +106,46 @@ ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
 DRAFT_FIELDS = tuple(f.name for f in fields(Draft))
 
 
+_UNHASHED = frozenset(("hash", "sync_state", "sig"))
+_HASHED = tuple(sorted(name for name in ENTRY_FIELDS if name not in _UNHASHED))
+_HASHED_SET = frozenset(_HASHED)
+# what json.dumps writes before each value: "{" or ",", the key, ":"
+_KEY_PREFIXES = tuple(("{" if i == 0 else ",") + _json_str(name) + ":"
+                      for i, name in enumerate(_HASHED))
+
+
+def canonical_json(fields_json: dict[str, Any]) -> str:
+    """The hashed form: every field but ``hash``, ``sig`` and ``sync_state``, as
+    ``json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)``.
+
+    An entry's fields (exactly those keys, each a str, an int or None) are written here
+    directly, byte for byte what json.dumps writes, at a third of its cost: every
+    append hashes an entry while the passenger waits. Anything else goes to json.dumps.
+    """
+    parts: list[str] = []
+    if fields_json.keys() - _UNHASHED == _HASHED_SET:
+        for prefix, name in zip(_KEY_PREFIXES, _HASHED, strict=True):
+            value = fields_json[name]
+            kind = type(value)
+            if kind is str:
+                parts.append(prefix + _json_str(value))
+            elif kind is int:
+                parts.append(prefix + int.__repr__(value))
+            elif value is None:
+                parts.append(prefix + "null")
+            else:  # a bool, a float, a subclass: json.dumps has rules of its own
+                break
+        else:
+            parts.append("}")
+            return "".join(parts)
+    body = {k: v for k, v in fields_json.items() if k not in _UNHASHED}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def chain_hash(fields_json: dict[str, Any]) -> bytes:
     """SHA-256 over the canonical JSON of every field but ``hash`` itself.
 
     The back office recomputes it from the exported JSON, so it is defined on that form:
     keys sorted, no spaces, binary as uppercase hex (``prev_hash`` included).
     """
-    body = {k: v for k, v in fields_json.items() if k not in ("hash", "sync_state", "sig")}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("ascii")).digest()
+    return hashlib.sha256(canonical_json(fields_json).encode("ascii")).digest()

@@ -43,6 +43,9 @@ class SoftwareSam:
         self._master = purchase_key
         # Card keys are re-derived per serial; a gate sees the same cards again and again.
         self._card_key = functools.lru_cache(maxsize=4096)(self._derive)
+        # The session key of the last purchase MAC1 was computed for: checking its MAC2
+        # (a moment later, before the gate opens) needs the same key, not a new CMAC.
+        self._session: tuple[bytes, Purchase, bytes] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> SoftwareSam:
@@ -55,12 +58,21 @@ class SoftwareSam:
     def _derive(self, serial: bytes) -> bytes:
         return card_key(self._master, serial)
 
+    def _session_key(self, serial: bytes, purchase: Purchase) -> bytes:
+        session = self._session
+        if session is not None and session[0] == serial and session[1] == purchase:
+            return session[2]
+        key = purchase.session_key(self._card_key(serial))
+        self._session = (serial, purchase, key)
+        return key
+
     def mac1(self, serial: bytes, purchase: Purchase) -> bytes:
-        return purchase.mac1(purchase.session_key(self._card_key(serial)))
+        return purchase.mac1(self._session_key(serial, purchase))
 
     def check_mac2(self, serial: bytes, purchase: Purchase, mac2: bytes) -> bool:
-        expected = purchase.mac2(purchase.session_key(self._card_key(serial)))
+        expected = purchase.mac2(self._session_key(serial, purchase))
         return hmac.compare_digest(expected, mac2)
 
     def close(self) -> None:
+        self._session = None
         self._card_key.cache_clear()
