@@ -279,6 +279,20 @@ def test_a_cards_tears_are_found_through_their_own_index(tmp_path: Path) -> None
     assert "USING INDEX entry_torn_by_card (card_serial=?)" in plan, plan
 
 
+def test_all_pending_tears_are_found_through_their_own_index(tmp_path: Path) -> None:
+    """The card loop's sweep asks for every pending tear every few seconds: that must not
+    read the whole journal either."""
+    from daemon.journal.store import _PENDING_ALL
+
+    path = tmp_path / "journal.db"
+    with Journal(path):
+        pass
+    db = sqlite3.connect(path)
+    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _PENDING_ALL))
+    db.close()
+    assert "SCAN t USING INDEX entry_torn_by_card" in plan, plan
+
+
 def test_commits_never_checkpoint_and_checkpoint_folds_the_wal(tmp_path: Path) -> None:
     """A passenger's commit must not pay for a checkpoint: appends only grow the WAL, and
     the card loop's checkpoint() (between taps) copies it into the database."""

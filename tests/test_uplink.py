@@ -764,6 +764,9 @@ def test_broker_dead_at_start_the_gate_takes_taps_and_drains_later(
         assert daemon.stop() == 0
         daemon = Daemon(daemon_config(tmp_path, gate_id, broker, tap_interval_s=0))
         daemons.append(daemon)
+        # (the first run may have drained it all: a SIGTERM before the daemon is up would
+        # find no handler yet)
+        daemon.wait_log("tapgate running")
         wait_until(lambda: pending_on_disk(journal_path)[1] == 0, "the last entries")
         assert daemon.stop() == 0
         with Journal(journal_path) as journal:
