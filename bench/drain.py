@@ -22,6 +22,10 @@ verdict written), and how many entries it flagged (none should be).
      baseline) and one at a time (each waits for its PUBACK). Each runs before and
      after (a); the faster run counts.
 
+  c) the ceiling of a / b (bench/drain_ceiling.py): the same batches, window and broker,
+     from a publisher that costs nothing into a paho consumer that acks each batch
+     unread, and into one that only parses, inserts, commits and acks.
+
 Targets: a >= 5,000 entries/s and a / b >= 0.5. Informational: PASS or MISS, exit 0.
 
     python -m bench.drain [--entries 100000] [--batch 100] [--window 4]
@@ -50,6 +54,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bench import drain_ceiling
 from bench.common import MASTER_TAC, TERMINAL, scratch_dir
 from daemon.config import MqttConfig
 from daemon.journal import Draft, Journal
@@ -312,12 +317,20 @@ def main() -> None:
     sub = ctx.Process(target=subscriber, args=(broker.port, theirs, not args.headend),
                       daemon=True)
     sub.start()
+    pipes, consumers = [ours], []
+    for mode in drain_ceiling.GATES:
+        mine, its = ctx.Pipe()
+        pipes.append(mine)
+        consumers.append(ctx.Process(target=drain_ceiling.consumer, daemon=True, args=(
+            broker.port, mode, drain_ceiling.database(work, mode), its)))
+        consumers[-1].start()
     headend = start_headend(work, broker.port, signer) if args.headend else None
     verdicts: tuple[float, int] | None = None
     try:
-        if not ours.poll(20):
-            sys.exit("bench.drain: the subscriber did not come up")
-        ours.recv()
+        for pipe in pipes:
+            if not pipe.poll(20):
+                sys.exit("bench.drain: a subscriber did not come up")
+            pipe.recv()
         payloads = wire_payloads(journal, args.batch)
         bare_times = [bare(broker.port, payloads)]
         serial_times = [bare(broker.port, payloads, one_at_a_time=True)]
@@ -326,7 +339,11 @@ def main() -> None:
             verdicts = wait_verdicts(work / "headend.db", n, started)
         bare_times.append(bare(broker.port, payloads))
         serial_times.append(bare(broker.port, payloads, one_at_a_time=True))
+        ceiling = {mode: drain_ceiling.replay(broker.port, mode, payloads, args.window,
+                                              DEADLINE_S) for mode in drain_ceiling.GATES}
     finally:
+        for process in consumers:
+            process.terminate()
         if headend is not None:
             headend.terminate()
             headend.wait(30)
@@ -354,6 +371,12 @@ def main() -> None:
     print(f"a / b (pipelined):                 {rate / bare_rate:10.2f}"
           f"  target >= 0.5: {'PASS' if rate / bare_rate >= 0.5 else 'MISS'}")
     print(f"a / b (one at a time):             {rate / serial_rate:10.2f}")
+    print("c) ceiling of a / b: the same batches from a free gate into a consumer that")
+    for mode, what in ((drain_ceiling.ACK_ONLY, "acks unread"),
+                       (drain_ceiling.STORING, "stores, acks")):
+        rate_c = n / ceiling[mode]
+        print(f"   {what + ':':31s} {rate_c:10.0f} entries/s  ({ceiling[mode]:.2f} s)"
+              f"  c / b {rate_c / bare_rate:.2f}")
     shutil.rmtree(work, ignore_errors=True)
 
 
