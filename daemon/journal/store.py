@@ -5,29 +5,33 @@ read it (sync also records the head-end's acks and prunes what is synced and old
 the same writer lock); nothing about a transaction is kept only in memory. Every append is one
 committed, fsynced transaction, so an entry that :meth:`Journal.append` returned
 survives a crash or a power cut.
+
+:class:`Journal` is one object put together from parts, a module each: this one opens it
+and keeps the append path and what the card loop reads on every tap; the outbox
+(:mod:`.outbox`: acks, pruning), remote management state (:mod:`.control`) and the
+audit (:mod:`.audit`) are mixins on the SQLite underneath (:mod:`.db`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import peewee
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon.errors import JournalError, JournalFull
+from daemon.errors import JournalError
 from daemon.journal import schema
+from daemon.journal.audit import VerifyReport, _Audit
+from daemon.journal.control import Control, _RemoteState
+from daemon.journal.db import _COLUMNS, _wrap
 from daemon.journal.entry import (
     COMPLETED,
     DRAFT_FIELDS,
@@ -43,6 +47,12 @@ from daemon.journal.entry import (
     Entry,
     chain_hash,
 )
+from daemon.journal.outbox import Outgoing, _Outbox
+
+# VerifyReport, Control and Outgoing live with their part of the journal; callers import
+# them from here, as they did before it was split.
+__all__ = ["PASSAGES_KEPT_MS", "PASSAGES_LOADED", "SQLITE_MAGIC", "Control", "Journal",
+           "Outgoing", "VerifyReport"]
 
 log = logging.getLogger("tapgate.journal")
 
@@ -55,39 +65,7 @@ PASSAGES_LOADED = 5000
 _NEVER = -(2**63)
 
 
-@dataclass
-class VerifyReport:
-    entries: int = 0
-    problems: list[str] = field(default_factory=list)
-    signed: int = 0  # entries whose signature the device's public key confirmed
-    unsigned: int = 0  # entries written before the gate had a device key
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def _is_full(err: BaseException) -> bool:
-    text = str(err)
-    if isinstance(err, (sqlite3.OperationalError, peewee.OperationalError)) and (
-        "full" in text or "disk I/O" in text
-    ):
-        return True
-    return isinstance(err, OSError) and err.errno == errno.ENOSPC
-
-
-def _wrap(err: Exception, doing: str) -> JournalError:
-    # SQLite rolls a transaction back by itself on SQLITE_FULL; peewee's rollback then
-    # fails with "no transaction is active" and hides the cause: look down the chain.
-    cause: BaseException | None = err
-    while cause is not None:
-        if _is_full(cause):
-            return JournalFull(f"{doing}: {cause}")
-        cause = cause.__context__
-    return JournalError(f"{doing}: {err}")
-
-
-class Journal:
+class Journal(_Outbox, _RemoteState, _Audit):
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
                  signer: Ed25519PrivateKey | None = None) -> None:
         self.path = Path(path)
@@ -124,9 +102,6 @@ class Journal:
         # The WAL as checkpoint() left it, started over (see there); None: not so now.
         self._wal_primed: tuple[int, int, int] | None = None
         self._opened = False
-
-    def _sql(self, sql: str, params: Any = None) -> Any:
-        return self._db.execute_sql(sql, params)  # type: ignore[no-untyped-call]
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> Journal:
@@ -310,12 +285,6 @@ class Journal:
             raise
 
     # -- reading -----------------------------------------------------------------------
-    def _entries(self, query: Any) -> list[Entry]:
-        try:
-            return [_entry(row) for row in query]
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-
     def get(self, entry_id: int) -> Entry | None:
         found = self._entries(self._row.select().where(self._row.id == entry_id))
         return found[0] if found else None
@@ -329,13 +298,6 @@ class Journal:
         # the card loop's sweep, every few seconds: on the partial index of tears, not
         # a scan of the whole journal (which holds the loop for as long)
         return self._rows(_PENDING_ALL, ())
-
-    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Entry]:
-        try:
-            cursor = self._sql(sql, params)
-            return [_entry_from_tuple(row) for row in cursor.fetchall()]
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
 
     def dangling_intents(self) -> list[Entry]:
         """Intents that no completion or tear follows: the process died mid-debit."""
@@ -364,18 +326,6 @@ class Journal:
         except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
             raise _wrap(err, "cannot read the journal") from err
         return int(row[0]) if row is not None else None
-
-    def entries(self, after_id: int = 0, batch: int = 1000) -> Iterator[Entry]:
-        """Every entry in id order, read in batches (constant memory on big journals)."""
-        last = after_id
-        while True:
-            rows = self._entries(
-                self._row.select().where(self._row.id > last).order_by(self._row.id).limit(batch)
-            )
-            if not rows:
-                return
-            yield from rows
-            last = rows[-1].id
 
     def count(self) -> int:
         return int(self._row.select().count())
@@ -445,244 +395,7 @@ class Journal:
     def tail_id(self) -> int:
         return self._tail_id
 
-    # -- sync state: the journal is the uplink's outbox ----------------------------------
-    def unacked(self, after_id: int = 0, limit: int = 100) -> list[Entry]:
-        """Entries the head-end has not acknowledged, in id order, after ``after_id``."""
-        return self._rows(_UNACKED, (after_id, limit))
 
-    def unacked_json(self, after_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:
-        """:meth:`unacked` in the JSON form (``Entry.to_json``) straight from the rows:
-        what the uplink sends, without building an Entry for each on the way."""
-        try:
-            rows = self._sql(_UNACKED, (after_id, limit)).fetchall()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-        return [_row_json(row) for row in rows]
-
-    def unacked_wire(self, after_id: int = 0, limit: int = 100) -> Outgoing | None:
-        """:meth:`unacked_json` already encoded, as the uplink sends it; None: nothing.
-
-        The entries' JSON is exactly ``json.dumps(entry.to_json(), sort_keys=True,
-        separators=(",", ":"))`` (``contract.canonical``) of each, comma-separated. SQLite
-        writes it (json_object, keys in sorted order, blobs as uppercase hex) and hands
-        the batch over as one row: no Python object per entry, and one release of the
-        GIL, not one per row (another busy thread, paho's, would hold each of those up).
-        Where SQLite's JSON and Python's could differ in a single byte (a string with
-        anything to escape or beyond printable ASCII, a REAL), Python encodes the batch."""
-        try:
-            ids, uuids, text = self._sql(_UNACKED_WIRE, (after_id, limit)).fetchone()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-        if ids is None:
-            return None
-        # the three aggregates saw the same rows in the same order; id order is checked,
-        # and that no uuid held a comma
-        out = Outgoing([int(i) for i in ids.split(",")], uuids.split(","), text)
-        if (not text.isascii() or "\\" in text or "\x7f" in text
-                or out.ids != sorted(out.ids) or len(out.uuids) != len(out.ids)):
-            rows = [_row_json(r) for r in self._rows_raw(_UNACKED, (after_id, limit))]
-            out = Outgoing([r["id"] for r in rows], [r["uuid"] for r in rows], ",".join(
-                json.dumps(r, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-                for r in rows))
-        return out
-
-    def _rows_raw(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        try:
-            return list(self._sql(sql, params).fetchall())
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-
-    def mark_acked_ids(self, ids: Iterable[int]) -> int:
-        """:meth:`mark_acked` by journal id (the uplink knows the ids it sent in each
-        batch): one UPDATE per run of consecutive ids, all in one committed, fsynced
-        transaction under the writer lock. Returns how many were newly acknowledged."""
-        runs = _runs(ids)
-        if not runs:
-            return 0
-        now_ms = int(self._clock() * 1000)
-        with self._lock:
-            try:
-                with self._db.atomic():
-                    return sum(max(0, int(self._sql(_MARK_ACKED_RUN, (now_ms, first, last)
-                                                    ).rowcount)) for first, last in runs)
-            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
-                raise _wrap(err, "cannot record acknowledged entries") from err
-
-    def mark_acked(self, uuids: Iterable[str]) -> int:
-        """Record that the head-end stored these entries: one committed, fsynced
-        transaction under the writer lock. Returns how many were newly acknowledged."""
-        now_ms = int(self._clock() * 1000)
-        rows = [(now_ms, u) for u in dict.fromkeys(uuids)]
-        if not rows:
-            return 0
-        with self._lock:
-            try:
-                with self._db.atomic():
-                    cursor = self._db.cursor()  # type: ignore[no-untyped-call]
-                    cursor.executemany(_MARK_ACKED, rows)
-                    return max(0, int(cursor.rowcount))
-            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
-                raise _wrap(err, "cannot record acknowledged entries") from err
-
-    def pending_sync_count(self) -> int:
-        """Entries the head-end has not acknowledged."""
-        return int(self._scalar(_PENDING_SYNC, ()) or 0)
-
-    def oldest_unacked_ms(self) -> int | None:
-        """When the oldest entry the head-end has not acknowledged was written."""
-        value = self._scalar(_OLDEST_UNACKED, ())
-        return int(value) if value is not None else None
-
-    def prune(self, older_than_ms: int, *, chunk: int = 2000) -> int:
-        """Delete acknowledged entries written before ``older_than_ms``, oldest first.
-
-        Only a run from the start of the journal goes, so the chain never gets a hole:
-        pruning stops at the first entry that must stay (not acknowledged, too young, a
-        tear still awaiting its card or that tear's intent, an intent with no outcome,
-        or the newest entry, which the next append continues from). Meta keeps the hash
-        of the last entry deleted (``chain_anchor``: verify checks the first entry kept
-        against it) and the highest terminal sequence number used, so none is reused.
-        Deletes in chunks, each its own transaction under the writer lock, so a tap
-        never waits behind a long delete. Returns how many entries went.
-        """
-        with self._db.atomic():  # one read snapshot, and the writer is not held up
-            through = self._prunable_through(older_than_ms)
-        total = 0
-        while True:
-            with self._lock:
-                done = self._prune_chunk(through, chunk)
-            total += done
-            if done < chunk:
-                if total:
-                    log.info("journal: pruned %d acknowledged entries (through id %d)",
-                             total, through)
-                return total
-
-    def _prunable_through(self, older_than_ms: int) -> int:
-        """The highest id such that it and every entry before it may be pruned."""
-        stops = [self._scalar(sql, params) for sql, params in (
-            ("SELECT MAX(id) FROM entry", ()),
-            (_FIRST_UNACKED_ID, ()),
-            (_FIRST_YOUNG_ID, (older_than_ms,)),
-            (_FIRST_PENDING_TEAR_ID, ()),
-            (_FIRST_DANGLING_INTENT_ID, ()),
-        )]
-        found = [int(s) for s in stops if s is not None]
-        return min(found) - 1 if found else 0
-
-    def _prune_chunk(self, through: int, chunk: int) -> int:
-        first = self._scalar("SELECT MIN(id) FROM entry", ())
-        if first is None or int(first) > through:
-            return 0
-        upto = min(through, int(first) + chunk - 1)
-        try:
-            with self._db.atomic():
-                last_hash, max_seq = self._sql(
-                    "SELECT (SELECT hash FROM entry WHERE id = ?), "
-                    "MAX(terminal_seq) FROM entry WHERE id <= ?", (upto, upto)).fetchone()
-                stored = self._sql("SELECT value FROM meta WHERE key = 'max_terminal_seq'"
-                                   ).fetchone()
-                seq = max(int(max_seq or 0), int(stored[0]) if stored else 0, self._max_seq)
-                deleted = int(self._sql("DELETE FROM entry WHERE id <= ?", (upto,)).rowcount)
-                self._sql(_SET_META, ("chain_anchor", bytes(last_hash).hex().upper()))
-                self._sql(_SET_META, ("max_terminal_seq", str(seq)))
-        except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
-            raise _wrap(err, "cannot prune the journal") from err
-        self._max_seq = seq
-        # a card whose last passage went has none left in the journal (older ones went too)
-        for serial in [s for s, (entry_id, _) in self._passages.items() if entry_id <= upto]:
-            del self._passages[serial]
-        return deleted
-
-    def _scalar(self, sql: str, params: tuple[Any, ...]) -> Any:
-        try:
-            row = self._sql(sql, params).fetchone()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-        return row[0] if row else None
-
-    # -- remote management (v5): what operators' commands changed --------------------
-    def last_command_seq(self, key_id: str) -> int | None:
-        """The highest sequence number applied from this operator key, if any."""
-        value = self._scalar("SELECT seq FROM command_seq WHERE key_id = ?", (key_id,))
-        return int(value) if value is not None else None
-
-    def deny_list(self) -> tuple[int, frozenset[bytes]]:
-        """The deny list's version and its card serials."""
-        try:
-            rows = self._sql("SELECT serial FROM deny_list").fetchall()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-        return _meta_int(self._scalar(_GET_META, (DENY_VERSION,))), frozenset(
-            bytes(r[0]) for r in rows)
-
-    def remote_config(self) -> dict[str, Any]:
-        """Config values operators set (dotted gate.* key -> value), to re-apply at start."""
-        try:
-            rows = self._sql("SELECT key, value FROM remote_config ORDER BY key").fetchall()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-        return {str(k): json.loads(v) for k, v in rows}
-
-    def desired_version(self) -> int:
-        """The version of the desired state (shadow) last applied; 0: none."""
-        return _meta_int(self._scalar(_GET_META, (DESIRED_VERSION,)))
-
-    @contextlib.contextmanager
-    def control(self) -> Iterator[Control]:
-        """One committed, fsynced transaction under the writer lock, for a command's
-        check-and-record (its sequence number) and the state it changes: all or nothing."""
-        with self._lock:
-            try:
-                with self._db.atomic():
-                    yield Control(self)
-            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
-                raise _wrap(err, "cannot record a remote command") from err
-
-    # -- checking ----------------------------------------------------------------------
-    def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
-        """Check SQLite's quick_check, the hash chain from the first entry kept and, given
-        the device's public key, every entry's signature."""
-        report = VerifyReport()
-        try:
-            rows = self._sql("PRAGMA quick_check").fetchall()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            report.problems.append(f"quick_check failed: {err}")
-            return report
-        report.problems.extend(f"quick_check: {r[0]}" for r in rows if r[0] != "ok")
-        prev: Entry | None = None
-        anchor = self._meta.get_or_none(self._meta.key == "chain_anchor")
-        first_prev = bytes.fromhex(anchor.value) if anchor else GENESIS
-        try:
-            for entry in self.entries():
-                report.entries += 1
-                if prev is None and entry.prev_hash != first_prev:
-                    report.problems.append(
-                        f"entry {entry.id}: the first entry kept does not continue the chain "
-                        "anchor: entries before it are missing")
-                if chain_hash(entry.to_json()) != entry.hash:
-                    report.problems.append(f"entry {entry.id}: hash does not match its content")
-                if public_key is not None:
-                    if entry.sig is None:
-                        report.unsigned += 1
-                    else:
-                        try:
-                            public_key.verify(entry.sig, entry.hash)
-                            report.signed += 1
-                        except InvalidSignature:
-                            report.problems.append(
-                                f"entry {entry.id}: signature is not the device key's")
-                if prev is not None and entry.prev_hash != prev.hash:
-                    report.problems.append(f"entry {entry.id}: prev_hash breaks the chain")
-                if prev is not None and entry.id != prev.id + 1:
-                    report.problems.append(f"entry {entry.id}: follows {prev.id}, entries missing")
-                prev = entry
-        except JournalError as err:
-            report.problems.append(str(err))
-        return report
-
-
-_COLUMNS = ", ".join(ENTRY_FIELDS)
 # The statements every tap runs, prepared once (peewee's query building costs more per
 # tap than SQLite's own work). Indexes: entry(card_serial, id) and entry(ref).
 _INSERT = f"INSERT INTO entry ({_COLUMNS}) VALUES ({', '.join('?' * len(ENTRY_FIELDS))})"
@@ -712,76 +425,7 @@ _PASSAGES_AFTER = f"""
     SELECT id, card_serial, created_ms FROM entry
     WHERE id > ? AND card_serial IS NOT NULL AND {_IS_PASSAGE}
     ORDER BY id"""
-
-# The uplink's statements. INDEXED BY: the partial index holds only unacknowledged
-# entries, so these cost the backlog, not the journal's length.
-_UNACKED = (f"SELECT {_COLUMNS} FROM entry INDEXED BY entry_unacked "
-            "WHERE acked_ms IS NULL AND id > ? ORDER BY id LIMIT ?")
-_MARK_ACKED = "UPDATE entry SET acked_ms = ? WHERE uuid = ? AND acked_ms IS NULL"
-_MARK_ACKED_RUN = "UPDATE entry SET acked_ms = ? WHERE id BETWEEN ? AND ? AND acked_ms IS NULL"
-_PENDING_SYNC = "SELECT COUNT(*) FROM entry INDEXED BY entry_unacked WHERE acked_ms IS NULL"
-_OLDEST_UNACKED = ("SELECT created_ms FROM entry INDEXED BY entry_unacked "
-                   "WHERE acked_ms IS NULL ORDER BY id LIMIT 1")
-_FIRST_UNACKED_ID = ("SELECT id FROM entry INDEXED BY entry_unacked "
-                     "WHERE acked_ms IS NULL ORDER BY id LIMIT 1")
-# Retention: what must stay. Entries are read from the start, which is what goes.
-_FIRST_YOUNG_ID = "SELECT id FROM entry WHERE created_ms >= ? ORDER BY id LIMIT 1"
-_FIRST_PENDING_TEAR_ID = f"""
-    SELECT MIN(MIN(t.id, COALESCE(t.ref, t.id))) FROM entry AS t
-    WHERE t.kind = '{KIND_DEBIT}' AND t.state = '{TORN}'
-      AND NOT EXISTS (SELECT 1 FROM entry AS r WHERE r.ref = t.id AND r.kind = '{KIND_RECOVERY}')"""
-_FIRST_DANGLING_INTENT_ID = f"""
-    SELECT MIN(i.id) FROM entry AS i
-    WHERE i.kind = '{KIND_DEBIT}' AND i.state = '{INTENT}'
-      AND NOT EXISTS (SELECT 1 FROM entry AS o WHERE o.ref = i.id AND o.kind = '{KIND_DEBIT}'
-                      AND o.state IN ('{COMPLETED}', '{TORN}'))"""
 _WAL_STATE = "SELECT total_changes(), (SELECT data_version FROM pragma_data_version)"
-_SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
-_GET_META = "SELECT value FROM meta WHERE key = ?"
-DENY_VERSION = "deny_list_version"
-DESIRED_VERSION = "desired_version"
-
-
-# What the uplink sends: each entry's canonical JSON, written by SQLite.
-def _wire_value(column: str) -> str:
-    # Entry.to_json's rule (bytes as uppercase hex, the rest as it is), in SQL. A REAL,
-    # which the journal never writes, becomes a backslash: unacked_wire then leaves
-    # the entry to Python, whose float format is not SQLite's.
-    return (f"CASE typeof({column}) WHEN 'blob' THEN hex({column}) "
-            f"WHEN 'real' THEN char(92) ELSE {column} END")
-
-
-_WIRE_JSON = "json_object(" + ", ".join(
-    f"'{name}', {_wire_value(name)}" for name in sorted(ENTRY_FIELDS)) + ")"
-_UNACKED_WIRE = (
-    "SELECT group_concat(id), group_concat(uuid), group_concat(wire) FROM ("
-    f"SELECT id, uuid, {_WIRE_JSON} AS wire FROM entry INDEXED BY entry_unacked "
-    "WHERE acked_ms IS NULL AND id > ? ORDER BY id LIMIT ?)")
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """Entries not yet acknowledged, encoded for the uplink (:meth:`Journal.unacked_wire`)."""
-
-    ids: list[int]
-    uuids: list[str]
-    json: str  # their canonical JSON, comma-separated: the inside of a JSON array
-
-
-def _row_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    return {name: (v.hex().upper() if isinstance(v, bytes) else v)
-            for name, v in zip(ENTRY_FIELDS, row, strict=True)}
-
-
-def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
-    """Ids as (first, last) runs of consecutive ids, ascending."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(set(ids)):
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
 
 
 def _new_uuid() -> str:
@@ -790,67 +434,3 @@ def _new_uuid() -> str:
     raw[6] = raw[6] & 0x0F | 0x40  # version 4
     raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
     return raw.hex()
-
-
-def _meta_int(value: Any) -> int:
-    return int(value) if value is not None else 0
-
-
-class Control:
-    """Inside :meth:`Journal.control`: reads and writes of the remote management state."""
-
-    def __init__(self, journal: Journal) -> None:
-        self._journal = journal
-
-    def _sql(self, sql: str, params: Any = None) -> Any:
-        return self._journal._sql(sql, params)
-
-    def claim_seq(self, key_id: str, seq: int) -> int | None:
-        """Record ``seq`` as applied from ``key_id`` and return None, or, when it is not
-        above the highest applied so far (a replay), write nothing and return that."""
-        row = self._sql("SELECT seq FROM command_seq WHERE key_id = ?", (key_id,)).fetchone()
-        if row is not None and seq <= int(row[0]):
-            return int(row[0])
-        self._sql("INSERT OR REPLACE INTO command_seq (key_id, seq) VALUES (?, ?)",
-                  (key_id, seq))
-        return None
-
-    def savepoint(self) -> Any:
-        """A nested transaction: what a refused command wrote is undone, its seq kept."""
-        return self._journal._db.atomic()
-
-    def deny_version(self) -> int:
-        row = self._sql(_GET_META, (DENY_VERSION,)).fetchone()
-        return _meta_int(row[0] if row else None)
-
-    def change_deny_list(self, version: int, add: Iterable[bytes],
-                         remove: Iterable[bytes]) -> None:
-        for serial in remove:
-            self._sql("DELETE FROM deny_list WHERE serial = ?", (serial,))
-        for serial in add:
-            self._sql("INSERT OR IGNORE INTO deny_list (serial) VALUES (?)", (serial,))
-        self._sql(_SET_META, (DENY_VERSION, str(version)))
-
-    def set_remote_config(self, changes: dict[str, Any]) -> None:
-        for key, value in changes.items():
-            self._sql("INSERT OR REPLACE INTO remote_config (key, value) VALUES (?, ?)",
-                      (key, json.dumps(value)))
-
-    def desired_version(self) -> int:
-        row = self._sql(_GET_META, (DESIRED_VERSION,)).fetchone()
-        return _meta_int(row[0] if row else None)
-
-    def set_desired_version(self, version: int) -> None:
-        self._sql(_SET_META, (DESIRED_VERSION, str(version)))
-
-def _entry_from_tuple(row: tuple[Any, ...]) -> Entry:
-    values: list[Any] = [bytes(v) if isinstance(v, (memoryview, bytearray)) else v for v in row]
-    return Entry(*values)
-
-
-def _entry(row: Any) -> Entry:
-    values: dict[str, Any] = {}
-    for name in ENTRY_FIELDS:
-        value = getattr(row, name)
-        values[name] = bytes(value) if isinstance(value, (memoryview, bytearray)) else value
-    return Entry(**values)

@@ -1,0 +1,75 @@
+"""Checking the journal (``tapgate journal verify``): SQLite's own integrity check, the
+hash chain and, given the device's public key, every entry's signature.
+
+Part of :class:`~daemon.journal.store.Journal` (a mixin on :class:`~daemon.journal.db._Db`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+
+import peewee
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from daemon.errors import JournalError
+from daemon.journal.db import _Db
+from daemon.journal.entry import GENESIS, Entry, chain_hash
+
+
+@dataclass
+class VerifyReport:
+    entries: int = 0
+    problems: list[str] = field(default_factory=list)
+    signed: int = 0  # entries whose signature the device's public key confirmed
+    unsigned: int = 0  # entries written before the gate had a device key
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _Audit(_Db):
+    """Checking: the journal verifies its own file, chain and signatures."""
+
+    def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
+        """Check SQLite's quick_check, the hash chain from the first entry kept and, given
+        the device's public key, every entry's signature."""
+        report = VerifyReport()
+        try:
+            rows = self._sql("PRAGMA quick_check").fetchall()
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+            report.problems.append(f"quick_check failed: {err}")
+            return report
+        report.problems.extend(f"quick_check: {r[0]}" for r in rows if r[0] != "ok")
+        prev: Entry | None = None
+        anchor = self._meta.get_or_none(self._meta.key == "chain_anchor")
+        first_prev = bytes.fromhex(anchor.value) if anchor else GENESIS
+        try:
+            for entry in self.entries():
+                report.entries += 1
+                if prev is None and entry.prev_hash != first_prev:
+                    report.problems.append(
+                        f"entry {entry.id}: the first entry kept does not continue the chain "
+                        "anchor: entries before it are missing")
+                if chain_hash(entry.to_json()) != entry.hash:
+                    report.problems.append(f"entry {entry.id}: hash does not match its content")
+                if public_key is not None:
+                    if entry.sig is None:
+                        report.unsigned += 1
+                    else:
+                        try:
+                            public_key.verify(entry.sig, entry.hash)
+                            report.signed += 1
+                        except InvalidSignature:
+                            report.problems.append(
+                                f"entry {entry.id}: signature is not the device key's")
+                if prev is not None and entry.prev_hash != prev.hash:
+                    report.problems.append(f"entry {entry.id}: prev_hash breaks the chain")
+                if prev is not None and entry.id != prev.id + 1:
+                    report.problems.append(f"entry {entry.id}: follows {prev.id}, entries missing")
+                prev = entry
+        except JournalError as err:
+            report.problems.append(str(err))
+        return report
