@@ -1,5 +1,7 @@
 """Shared fixtures; real components (pcscd + vpcd, mosquitto, dbus-daemon) live in
-tests/fixtures/ and are started by the suite itself."""
+tests/fixtures/ and are started by the suite itself. The fixtures that several modules
+of one part share (the head-end's, the uplink's, the AsyncAPI document's) live in
+tests/*_support.py, registered here as plugins."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import pytest
 
 from tests.helpers import Rig, TinyDisk, tiny_disk
 
-pytest_plugins = ["tests.fixtures.pcsc", "tests.fixtures.mosquitto", "tests.fixtures.bluez"]
+pytest_plugins = ["tests.fixtures.pcsc", "tests.fixtures.mosquitto", "tests.fixtures.bluez",
+                  "tests.headend_support", "tests.uplink_support", "tests.asyncapi_support"]
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from dbus_fast import Variant
 from daemon.beacon import frames
 from tests.fixtures.bluez import BluezMock, until
 from tests.helpers import raw_config, toml_text
-from tests.test_uplink import Daemon
+from tests.uplink_support import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 UUID = "e2c56db5-dffb-48d2-b060-d0f5a71096e0"

@@ -27,7 +27,7 @@ from hal.gate.sim import SimGateIO
 from tests.fixtures.mosquitto import Mosquitto
 from tests.helpers import raw_config, toml_text
 from tests.test_commands import Console, Operator, new_gate_id
-from tests.test_uplink import Daemon, wait_until
+from tests.uplink_support import Daemon, wait_until
 
 TIMEOUT_S = 30.0
 UUID = "e2c56db5-dffb-48d2-b060-d0f5a71096e0"

@@ -39,7 +39,7 @@ from headend import command, keys
 from headend.mqtt import Broker
 from tests.fixtures.mosquitto import Mosquitto
 from tests.helpers import Rig, gate_config, raw_config, serial_of, toml_text
-from tests.test_uplink import Daemon, mqtt_config, wait_until
+from tests.uplink_support import Daemon, mqtt_config, wait_until
 
 TIMEOUT_S = 30.0
 _numbers = itertools.count(1)
