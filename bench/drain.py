@@ -318,7 +318,7 @@ def main() -> None:
                       daemon=True)
     sub.start()
     pipes, consumers = [ours], []
-    for mode in drain_ceiling.GATES:
+    for mode in drain_ceiling.MODES:
         mine, its = ctx.Pipe()
         pipes.append(mine)
         consumers.append(ctx.Process(target=drain_ceiling.consumer, daemon=True, args=(
@@ -340,7 +340,7 @@ def main() -> None:
         bare_times.append(bare(broker.port, payloads))
         serial_times.append(bare(broker.port, payloads, one_at_a_time=True))
         ceiling = {mode: drain_ceiling.replay(broker.port, mode, payloads, args.window,
-                                              DEADLINE_S) for mode in drain_ceiling.GATES}
+                                              DEADLINE_S) for mode in drain_ceiling.MODES}
     finally:
         for process in consumers:
             process.terminate()

@@ -42,13 +42,19 @@ _INSERT = ("INSERT INTO entry (gate, uuid, entry_id, prev_hash, hash, entry_json
 
 
 ACK_ONLY, STORING = "ack-only", "storing"
-# topics of their own: the a) stand-in never sees these batches, nor each the other's
-GATES = {ACK_ONLY: "CE11A000", STORING: "CE11A001"}
+MODES = (ACK_ONLY, STORING)
+GATE = "CE11A000"  # the gate id the storing consumer records
+
+
+def _topics(mode: str) -> tuple[str, str]:
+    """(tx, ack) of one mode: outside tapgate/v1/, so that neither the a) stand-in nor
+    a real head-end (tapgate/v1/+/tx) takes these batches, nor one mode the other's."""
+    return f"bench/ceiling/{mode}/tx", f"bench/ceiling/{mode}/ack"
 
 
 def consumer(port: int, mode: str, db_path: str,
              ready: multiprocessing.connection.Connection) -> None:
-    """Ack every batch on the mode's gate's tx topic, unread (ACK_ONLY) or once stored
+    """Ack every batch on the mode's tx topic, unread (ACK_ONLY) or once stored
     (STORING): a process of its own."""
     db = sqlite3.connect(db_path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -67,7 +73,7 @@ def consumer(port: int, mode: str, db_path: str,
             return
         batch = json.loads(msg.payload)
         entries = batch["entries"]
-        gate = msg.topic.split("/")[2]
+        gate = GATE
         db.execute("BEGIN IMMEDIATE")
         db.executemany(_INSERT, [(gate, e["uuid"], e["id"], e["prev_hash"], e["hash"],
                                   dumps(e)) for e in entries])
@@ -78,7 +84,7 @@ def consumer(port: int, mode: str, db_path: str,
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-ceiling-{mode}",
                          protocol=mqtt.MQTTv5)
     client.on_message = on_message
-    client.on_connect = lambda c, *a: c.subscribe(contract.tx_topic(GATES[mode]), 1)
+    client.on_connect = lambda c, *a: c.subscribe(_topics(mode)[0], 1)
     client.on_subscribe = lambda *args: ready.send("ready")
     client.connect("127.0.0.1", port)
     sock = client.socket()
@@ -94,8 +100,7 @@ def replay(port: int, mode: str, payloads: list[bytes], window: int,
     lock = threading.Lock()
     done = threading.Event()
     state = {"next": 0, "acked": 0}
-    ack_topic = contract.ack_topic(GATES[mode])
-    tx_topic = contract.tx_topic(GATES[mode])
+    tx_topic, ack_topic = _topics(mode)
 
     def send(client: mqtt.Client) -> None:  # with the lock held
         i = state["next"]
