@@ -141,8 +141,8 @@ class BluezAdvertiser:
             else:
                 changed = registration.adv.change(self._values(request, request.timeout_s),
                                                   rearm=request.timeout_s is not None)
-            log.info("beacon %s updated (%s): %s", slot, ", ".join(changed) or "no change",
-                     describe(request))
+            log.debug("beacon %s updated (%s): %s", slot, ", ".join(changed) or "no change",
+                      describe(request))
             self._listeners.emit(slot, BeaconEvent.UPDATED)
 
     async def withdraw(self, slot: str) -> None:

@@ -94,7 +94,7 @@ class SimAdvertiser:
             log.info("beacon (sim) %s: radio lost, kept for later: %s", slot, describe(request))
         elif known:
             self.updates[slot] += 1
-            log.info("beacon (sim) %s updated: %s", slot, describe(request))
+            log.debug("beacon (sim) %s updated: %s", slot, describe(request))
             self._listeners.emit(slot, BeaconEvent.UPDATED)
         else:
             self._announced.add(slot)
