@@ -11,9 +11,12 @@ the card's own log settles it:
 * a log that never reached that counter, or used it for another transaction, means the
   card did not debit: the tear is closed as not_debited and a new debit may run, once.
 
-Anything else (the proof fails its MAC2 check, the log no longer reaches back that far,
-a record that matches but whose balances do not add up) is closed as uncertain, with
-everything the back office needs to settle it by hand.
+A matching record whose proof the card no longer holds (a later debit elsewhere took its
+place) still means the card debited: the tear is closed as unproven and the gate opens,
+as for recovered; the back office settles it without a TAC. Anything else (the proof
+fails its MAC2 check, the log no longer reaches back that far, a record that matches but
+whose balances do not add up) is closed as uncertain, with everything the back office
+needs to settle it by hand.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from daemon.journal import Draft, Entry, Journal
-from daemon.journal.entry import KIND_RECOVERY, NOT_DEBITED, RECOVERED, UNCERTAIN
+from daemon.journal.entry import KIND_RECOVERY, NOT_DEBITED, RECOVERED, UNCERTAIN, UNPROVEN
 from daemon.purse import apdu
 from daemon.purse.apdu import LogRecord
 from daemon.purse.crypto import Purchase
@@ -35,9 +38,11 @@ log = logging.getLogger("tapgate.recovery")
 @dataclass
 class Resolution:
     recovered: list[Entry] = field(default_factory=list)
+    unproven: list[Entry] = field(default_factory=list)
     not_debited: list[Entry] = field(default_factory=list)
     uncertain: list[Entry] = field(default_factory=list)
     open_gate: bool = False  # the card paid for this passage already
+    paid: Entry | None = None  # the last closing entry that says so
     balance: int | None = None
     amount: int = 0
 
@@ -106,6 +111,14 @@ def _matches(torn: Entry, rec: LogRecord) -> bool:
     )
 
 
+def _older(counter: int, than: int) -> bool:
+    """Whether the card's u16 counter ``counter`` came before ``than``. The counter wraps
+    (65535 + 1 = 0): compared on the circle, as serial numbers are (RFC 1982), so a card
+    that wrapped since the tear is still read newer. The log holds far fewer records
+    than half the circle."""
+    return ((counter - than) & 0xFFFF) >= 0x8000
+
+
 class Recoverer:
     def __init__(self, *, journal: Journal, sam: Sam) -> None:
         self._journal = journal
@@ -123,12 +136,15 @@ class Recoverer:
             entry, paid = self._resolve_one(link, serial, torn, card_log)
             if paid:  # the card's log shows this gate's debit: never charge the trip again
                 result.open_gate = True
+                result.paid = entry
                 result.amount += entry.amount
                 result.balance = entry.balance_after
             log.info("torn debit %d of %s: %s (%s)", torn.id, serial.hex().upper(),
                      entry.state, entry.reason)
             if entry.state == RECOVERED:
                 result.recovered.append(entry)
+            elif entry.state == UNPROVEN:
+                result.unproven.append(entry)
             elif entry.state == NOT_DEBITED:
                 result.not_debited.append(entry)
             else:
@@ -143,7 +159,7 @@ class Recoverer:
         number = 1
         while True:
             rec = card_log.record(number)
-            if rec is None or rec.counter_before < torn.card_counter:
+            if rec is None or _older(rec.counter_before, torn.card_counter):
                 # the card's counter never reached this session's: it did not debit
                 why = "card log ends before the torn counter" if rec is None else (
                     f"card log record {number} is older than the torn counter")
@@ -162,11 +178,11 @@ class Recoverer:
             return self._close(torn, UNCERTAIN, why, balance_after=rec.balance_after), False
         if number != 1:
             why = f"debited per card log record {number}; proof overwritten"
-            return self._close(torn, UNCERTAIN, why, balance_after=rec.balance_after), True
+            return self._close(torn, UNPROVEN, why, balance_after=rec.balance_after), True
         proof = apdu.parse_proof(link.transmit(apdu.get_transaction_proof(torn.card_counter)))
         if proof is None:
             why = "card log shows the debit but the card has no proof for it"
-            return self._close(torn, UNCERTAIN, why, balance_after=rec.balance_after), True
+            return self._close(torn, UNPROVEN, why, balance_after=rec.balance_after), True
         if not self._sam.check_mac2(serial, purchase_of(torn), proof.mac2):
             why = "recovered MAC2 fails the SAM check"
             return self._close(torn, UNCERTAIN, why, balance_after=rec.balance_after,

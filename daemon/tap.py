@@ -175,12 +175,12 @@ class TapProcessor:
             self._journal.append(self._owed[0])
             del self._owed[0]
 
-    def _outcome(self, draft: Draft) -> Entry:
+    def _outcome(self, draft: Draft, *, durable: bool = True) -> Entry:
         """Journal what came of an intent; if the journal refuses it, keep it to write
         before anything else: a dangling intent is invisible to the card's next
         presentation, which would charge the card again."""
         try:
-            return self._journal.append(draft)
+            return self._journal.append(draft, durable=durable)
         except JournalError:
             self._owed.append(draft)
             raise
@@ -197,9 +197,12 @@ class TapProcessor:
                 log.warning("recovery of %s interrupted: %s", serial.hex().upper(), err)
                 return self._signal(TapResult(Outcome.TAP_AGAIN, "card not readable", serial))
             if resolution.open_gate:
-                last = (resolution.recovered or resolution.uncertain)[-1]
+                # The card paid this trip before anything since (a block, the deny
+                # list, expiry) could stop it: through, as it would have gone then.
+                assert resolution.paid is not None
                 return self._accept(TapResult(Outcome.RECOVERED, "torn debit recovered", serial,
-                                              resolution.amount, resolution.balance, last.id))
+                                              resolution.amount, resolution.balance,
+                                              resolution.paid.id))
             if resolution.uncertain and not resolution.not_debited:
                 return self._refuse(info, "card fault: see staff")
         why = self._check(info)
@@ -282,16 +285,27 @@ class TapProcessor:
         if not self._sam.check_mac2(serial, purchase, proof.mac2):
             return self._torn(intent, "MAC2 failed the SAM check")
         balance_after = init.balance - fare
-        result = self._accept(
-            TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after, intent.id))
-        # The passenger is through; the completion is durable before the next tap starts.
-        done = self._outcome(Draft(
+        # The completion is written before the gate opens: a daemon killed between the
+        # two must not leave an intent that the card's next presentation would take for
+        # a tear, and open the gate again for free. Its fsync waits until the passenger
+        # is through: until then it survives the process, not a power cut.
+        completion = Draft(
             kind=KIND_DEBIT, state=COMPLETED, terminal_id=self._cfg.terminal_id, amount=fare,
             card_serial=serial, card_type=info.card_type, balance_before=init.balance,
             balance_after=balance_after, card_counter=init.counter, card_random=init.card_random,
             terminal_seq=purchase.terminal_seq, tx_date=intent.tx_date, tx_time=intent.tx_time,
-            mac2=proof.mac2, tac=proof.tac, ref=intent.id))
-        return TapResult(result.outcome, result.reason, serial, fare, balance_after, done.id)
+            mac2=proof.mac2, tac=proof.tac, ref=intent.id)
+        try:
+            done = self._outcome(completion, durable=False)
+        except JournalError:
+            # the card paid: through anyway; the completion is owed, written first
+            self._accept(TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after,
+                                   intent.id))
+            raise
+        result = self._accept(
+            TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after, done.id))
+        self._journal.sync()
+        return result
 
     # -- outcomes ----------------------------------------------------------------------
     @staticmethod

@@ -4,6 +4,7 @@ says so, and the TAC the journal keeps is the card's."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from daemon.journal.entry import (
     RECOVERED,
     TORN,
     UNCERTAIN,
+    UNPROVEN,
 )
 from daemon.outcome import Outcome
 from hal.card.model import Fault, FaultKind, VirtualPurse
@@ -281,8 +283,8 @@ def test_card_debited_at_another_gate_after_a_tear_before(tmp_path: Path) -> Non
 
 def test_card_debited_elsewhere_after_a_tear_after(tmp_path: Path) -> None:
     """The card paid this gate, then another: the proof of this gate's debit is gone
-    (the card keeps only its latest), so the debit is found but uncertain, and the card
-    is not charged again."""
+    (the card keeps only its latest), so the debit is found but unproven, the card is
+    not charged again, and the passage counts for anti-passback like any other."""
     here, there = Rig(tmp_path / "here"), Rig(tmp_path / "there",
                                               config=gate_config(terminal_id=OTHER_TERMINAL_ID))
     try:
@@ -292,17 +294,114 @@ def test_card_debited_elsewhere_after_a_tear_after(tmp_path: Path) -> None:
         result = here.tap(card)
         assert (result.outcome, result.amount) == (Outcome.RECOVERED, 250)
         assert INS_DEBIT not in here.commands
-        uncertain = here.entries()[-1]
-        assert (uncertain.kind, uncertain.state) == (KIND_RECOVERY, UNCERTAIN)
-        assert uncertain.balance_after == 4750
+        unproven = here.entries()[-1]
+        assert (unproven.kind, unproven.state) == (KIND_RECOVERY, UNPROVEN)
+        assert unproven.balance_after == 4750 and result.entry_id == unproven.id
+        assert "proof overwritten" in (unproven.reason or "")
         assert card.balance == 4500 and len(card.history) == 2
-        # the back office settles it: the journal holds this gate's debit as uncertain
+        # the back office settles it without a TAC: the journal holds it as unproven
         report = ledger([card], here.journal)
         assert report.problems == [f"debited on the card, missing from the journal: "
                                    f"{report.card[0]}"]
+        # a passage: the card handed back at once does not open the gate a second time
+        again = here.tap(card)
+        assert (again.outcome, again.reason) == (Outcome.REFUSED, "already passed this gate")
+        assert card.balance == 4500 and here.gate.passages == 1
     finally:
         here.close()
         there.close()
+
+
+# --- the card's counter wraps -------------------------------------------------------------
+def elsewhere(rig: Rig, card: VirtualPurse, times: int) -> None:
+    """``times`` ordinary debits at another gate, far enough apart for its anti-passback."""
+    for _ in range(times):
+        rig.clock.advance(600)
+        assert rig.tap(card).outcome is Outcome.ACCEPTED
+
+
+def test_a_debit_found_past_the_counter_wrap(tmp_path: Path) -> None:
+    """The torn session ran at counter 65533 and the card debited; three debits elsewhere
+    took the counter past 65535 to 1. The card's log is read on the circle: records 1-3
+    (counters 0, 65535, 65534) are newer, record 4 is this gate's debit: no second
+    charge."""
+    here, there = Rig(tmp_path / "here"), Rig(tmp_path / "there",
+                                              config=gate_config(terminal_id=OTHER_TERMINAL_ID))
+    try:
+        card = here.card(1, 5000, counter=65533)
+        tear_debit(here, card, FaultKind.TEAR_AFTER)
+        elsewhere(there, card, 3)
+        assert card.counter == 1 and card.balance == 4000
+        result = here.tap(card)
+        assert (result.outcome, result.amount) == (Outcome.RECOVERED, 250)
+        assert INS_DEBIT not in here.commands
+        closing = here.entries()[-1]
+        assert (closing.state, closing.reason) == (
+            UNPROVEN, "debited per card log record 4; proof overwritten")
+        assert card.balance == 4000 and len(card.history) == 4
+    finally:
+        here.close()
+        there.close()
+
+
+def test_no_debit_found_past_the_counter_wrap(tmp_path: Path) -> None:
+    """Ten debits elsewhere took the counter from 65526 to 0; the torn session at counter
+    0 never debited. Record 1 (counter 65535) is older than 0 on the circle: not
+    debited, and the tap debits once, instead of walking the whole log and refusing the
+    card as faulty."""
+    here, there = Rig(tmp_path / "here"), Rig(tmp_path / "there",
+                                              config=gate_config(terminal_id=OTHER_TERMINAL_ID))
+    try:
+        card = here.card(1, 5000, counter=65526)
+        elsewhere(there, card, 10)
+        assert card.counter == 0 and card.balance == 2500
+        tear_debit(here, card, FaultKind.TEAR_BEFORE)
+        result = here.tap(card)
+        assert (result.outcome, result.amount) == (Outcome.ACCEPTED, 250)
+        assert states(here.entries()[-3:]) == [
+            "recovery/not_debited", "debit/intent", "debit/completed"]
+        assert card.balance == 2250 and card.counter == 1
+        assert_ledger([card], here.journal)
+    finally:
+        here.close()
+        there.close()
+
+
+# --- the completion and the gate -----------------------------------------------------------
+def test_the_completion_is_committed_before_the_gate_opens(rig: Rig) -> None:
+    """A process killed the moment the gate opens leaves the completion on record (in the
+    WAL, read here through a connection of its own), not a dangling intent that the
+    card's next presentation would recover as a tear and let through for free."""
+    seen: list[list[tuple[str, str]]] = []
+
+    def on_open() -> None:
+        with sqlite3.connect(rig.journal_path) as other:
+            seen.append(other.execute("SELECT kind, state FROM entry ORDER BY id").fetchall())
+
+    opens = rig.gate.open_for_passage
+    rig.gate.open_for_passage = lambda: (on_open(), opens())[1]  # type: ignore[method-assign]
+    card = rig.card(1, 5000)
+    assert rig.tap(card).outcome is Outcome.ACCEPTED
+    assert seen == [[("debit", "intent"), ("debit", "completed")]]
+
+
+def test_killed_as_the_gate_opens_the_card_is_not_let_through_again(rig: Rig) -> None:
+    card = rig.card(1, 5000)
+
+    def killed() -> None:
+        raise ProcessDied("killed as the gate opened")
+
+    opens = rig.gate.open_for_passage
+    rig.gate.open_for_passage = killed  # type: ignore[method-assign]
+    with pytest.raises(ProcessDied):
+        rig.tap(card)
+    rig.gate.open_for_passage = opens  # type: ignore[method-assign]
+    assert rig.restart() == []  # nothing dangling: the completion was written
+    rig.clock.advance(3 * 3600)  # a return trip: within the recovery window of a tear
+    result = rig.tap(card)
+    assert (result.outcome, result.amount) == (Outcome.ACCEPTED, 250)
+    assert card.balance == 4500 and len(card.history) == 2
+    assert_ledger([card], rig.journal)
 
 
 # --- the process dies mid-debit ------------------------------------------------------------

@@ -4,12 +4,16 @@ A tap's story is a short chain of entries linked by ``ref``:
 
     debit/intent ──► debit/completed                       (the usual tap)
     debit/intent ──► debit/torn ──► recovery/recovered      (the card had debited)
+                                └─► recovery/unproven      (it had, per its log; no proof left)
                                 └─► recovery/not_debited   (it had not; a new intent follows)
                                 └─► recovery/uncertain     (the window closed first)
     refusal/refused                                         (denied, with a reason)
     pass/completed                                          (a zero fare: no debit)
 
-The debits the journal recognises are debit/completed and recovery/recovered.
+The debits the journal recognises are debit/completed and recovery/recovered. A
+recovery/unproven opened the gate too (the card's log shows this gate's debit, but the
+card no longer holds its MAC2 and TAC): a passage, settled by the back office without a
+TAC.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ COMPLETED = "completed"
 TORN = "torn"
 RECOVERED = "recovered"
 NOT_DEBITED = "not_debited"
+UNPROVEN = "unproven"
 UNCERTAIN = "uncertain"
 REFUSED = "refused"
 

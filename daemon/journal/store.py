@@ -43,6 +43,7 @@ from daemon.journal.entry import (
     KIND_RECOVERY,
     RECOVERED,
     TORN,
+    UNPROVEN,
     Draft,
     Entry,
     chain_hash,
@@ -219,10 +220,29 @@ class Journal(_Outbox, _RemoteState, _Audit):
         with self._lock:
             return self._max_seq + 1
 
-    def append(self, draft: Draft) -> Entry:
-        """Write one entry, commit it and fsync; return it as stored."""
+    def append(self, draft: Draft, *, durable: bool = True) -> Entry:
+        """Write one entry, commit it and fsync; return it as stored.
+
+        ``durable=False``: committed without the fsync. The entry is then in the
+        kernel's hands: it survives this process dying, not a power cut, until
+        :meth:`sync` (or any durable append after it) makes it durable too."""
         with self._lock:
-            return self._write([draft])[0]
+            return self._write([draft], durable=durable)[0]
+
+    def sync(self) -> None:
+        """fsync the WAL: every commit so far survives a power cut too."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no WAL: everything is in the database file, synced by its checkpoint
+        except OSError as err:
+            raise _wrap(err, "cannot sync the journal") from err
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            raise _wrap(err, "cannot sync the journal") from err
+        finally:
+            os.close(fd)
 
     def append_many(self, drafts: Iterable[Draft]) -> list[Entry]:
         """Write several entries in one committed, fsynced transaction (imports, tests and
@@ -230,7 +250,7 @@ class Journal(_Outbox, _RemoteState, _Audit):
         with self._lock:
             return self._write(list(drafts))
 
-    def _write(self, drafts: list[Draft]) -> list[Entry]:
+    def _write(self, drafts: list[Draft], *, durable: bool = True) -> list[Entry]:
         tail_id, tail_hash = self._tail_id, self._tail_hash
         entries = []
         for draft in drafts:
@@ -252,7 +272,7 @@ class Journal(_Outbox, _RemoteState, _Audit):
             return entries
         try:
             self._insert([[getattr(entry, name) for name in ENTRY_FIELDS]
-                          for entry in entries])
+                          for entry in entries], durable=durable)
         except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
             first = entries[0]
             raise _wrap(err, f"cannot append a {first.kind}/{first.state} entry") from err
@@ -264,25 +284,32 @@ class Journal(_Outbox, _RemoteState, _Audit):
         self._note_passages(entries)
         return entries
 
-    def _insert(self, rows: list[list[Any]]) -> None:
-        """BEGIN, the INSERTs, COMMIT (fsynced): straight on this thread's connection,
-        without peewee's transaction objects, which cost a tap's intent tens of µs."""
+    def _insert(self, rows: list[list[Any]], *, durable: bool = True) -> None:
+        """BEGIN, the INSERTs, COMMIT (fsynced unless not ``durable``): straight on this
+        thread's connection, without peewee's transaction objects, which cost a tap's
+        intent tens of µs."""
         if self._db.in_transaction():  # inside a caller's atomic(): nest in it
             with self._db.atomic():
                 for row in rows:
                     self._sql(_INSERT, row)
             return
         conn: sqlite3.Connection = self._db.connection()  # type: ignore[no-untyped-call]
-        conn.execute("BEGIN")
+        if not durable:  # WAL + NORMAL: the commit writes the WAL, with no fsync
+            conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            for row in rows:
-                conn.execute(_INSERT, row)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # (SQLite ends it by itself on some errors)
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN")
+            try:
+                for row in rows:
+                    conn.execute(_INSERT, row)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # (SQLite ends it by itself on some errors)
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous = FULL")
 
     # -- reading -----------------------------------------------------------------------
     def get(self, entry_id: int) -> Entry | None:
@@ -386,7 +413,8 @@ class Journal(_Outbox, _RemoteState, _Audit):
         return total
 
     def recovery_counts(self) -> dict[str, int]:
-        """How the tears were settled: recovered / not_debited / uncertain -> count."""
+        """How the tears were settled: recovered / unproven / not_debited / uncertain ->
+        count."""
         rows = self._sql(f"SELECT state, COUNT(*) FROM entry WHERE kind = '{KIND_RECOVERY}' "
                          "GROUP BY state").fetchall()
         return {str(state): int(n) for state, n in rows}
@@ -409,10 +437,11 @@ _PENDING_ALL = f"""
     WHERE t.kind = '{KIND_DEBIT}' AND t.state = '{TORN}'
       AND NOT EXISTS (SELECT 1 FROM entry AS r WHERE r.ref = t.id AND r.kind = '{KIND_RECOVERY}')
     ORDER BY t.id"""
+# what opened the gate for a card: anti-passback counts these
 _PASSAGE_KINDS = frozenset({(KIND_DEBIT, COMPLETED), (KIND_RECOVERY, RECOVERED),
-                            (KIND_PASS, COMPLETED)})
+                            (KIND_RECOVERY, UNPROVEN), (KIND_PASS, COMPLETED)})
 _IS_PASSAGE = f"""((kind = '{KIND_DEBIT}' AND state = '{COMPLETED}')
-        OR (kind = '{KIND_RECOVERY}' AND state = '{RECOVERED}')
+        OR (kind = '{KIND_RECOVERY}' AND state IN ('{RECOVERED}', '{UNPROVEN}'))
         OR (kind = '{KIND_PASS}' AND state = '{COMPLETED}'))"""
 _LAST_ACCEPTED = f"""
     SELECT created_ms FROM entry
