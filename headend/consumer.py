@@ -52,6 +52,10 @@ from headend.verify import Verifier
 log = logging.getLogger("tapgate.headend")
 
 RECEIVE_MAXIMUM = 64  # batches in flight to one instance, unacked
+# The broker drops anything bigger on its way here. A gate's batch is at most 10,000
+# entries (mqtt.batch_size) of about 700 bytes: 16 MiB leaves twice that.
+MAXIMUM_PACKET_SIZE = 16 * 1024 * 1024
+MAX_BATCH_ENTRIES = 10_000
 # one per core (up to 8), niced: the checks take what storing and acknowledging leave
 VERIFYING_PROCESSES = min(8, os.cpu_count() or 1)
 CHECK_PROCESSES_S = 1.0
@@ -130,7 +134,9 @@ class Consumer:
         client.on_message = self._on_message
         client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive,
                              clean_start=True,
-                             properties=connect_properties(receive_maximum=RECEIVE_MAXIMUM))
+                             properties=connect_properties(
+                                 receive_maximum=RECEIVE_MAXIMUM,
+                                 maximum_packet_size=MAXIMUM_PACKET_SIZE))
         client.loop_start()
         if self._verify_after_ack:
             self._verifying = VerifyingProcesses(url=self.store.url, verifier=self.verifier,
@@ -163,8 +169,21 @@ class Consumer:
         except StoreError as err:
             # Not acknowledged: the gate sends the batch again later.
             log.error("%s", err)
+        except Exception as err:  # a message no gate should send: never the whole head-end
+            log.exception("message on %s broke the head-end: kept aside, not acknowledged",
+                          msg.topic)
+            self._keep_aside(msg, f"it broke the head-end: {type(err).__name__}: {err}")
         finally:
             client.ack(msg.mid, msg.qos)
+
+    def _keep_aside(self, msg: mqtt.MQTTMessage, why: str) -> None:
+        levels = msg.topic.split("/")
+        gate = levels[2] if len(levels) == 4 else msg.topic
+        try:
+            self.store.reject_payload(gate=gate, payload=bytes(msg.payload), why=why,
+                                      stored_by=self.client_id)
+        except StoreError as err:
+            log.error("%s", err)
 
     def _handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         levels = msg.topic.split("/")
@@ -177,7 +196,10 @@ class Consumer:
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         try:
             batch = contract.Batch.decode(bytes(msg.payload))
-        except (ValueError, KeyError, TypeError) as err:
+            if len(batch.entries) > MAX_BATCH_ENTRIES:
+                raise ValueError(f"{len(batch.entries)} entries, more than a gate sends "
+                                 f"({MAX_BATCH_ENTRIES})")
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
             log.warning("message on %s is not a batch (%s): kept aside, not acknowledged",
                         msg.topic, err)
             self.store.reject_payload(gate=gate, payload=bytes(msg.payload),

@@ -90,11 +90,14 @@ def new_client(broker: Broker, client_id: str, *, manual_ack: bool = False) -> m
     return client
 
 
-def connect_properties(*, receive_maximum: int | None = None) -> Properties:
+def connect_properties(*, receive_maximum: int | None = None,
+                       maximum_packet_size: int | None = None) -> Properties:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 0
     if receive_maximum is not None:
         props.ReceiveMaximum = receive_maximum
+    if maximum_packet_size is not None:
+        props.MaximumPacketSize = maximum_packet_size
     return props
 
 

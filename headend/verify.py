@@ -116,18 +116,23 @@ def parse_entry(obj: object) -> Parsed | str:
     uuid = fields.get("uuid")
     if not isinstance(uuid, str) or not 0 < len(uuid) <= MAX_UUID:
         return "an entry without a valid uuid"
-    entry_id = fields.get("id")
-    if not isinstance(entry_id, int) or isinstance(entry_id, bool) or entry_id < 1:
-        entry_id = None
-    created = fields.get("created_ms")
     kind, state = fields.get("kind"), fields.get("state")
     return Parsed(
-        uuid=uuid, fields=fields, text=canonical_text(fields), entry_id=entry_id,
+        uuid=uuid, fields=fields, text=canonical_text(fields),
+        entry_id=_column_int(fields.get("id"), low=1),
         prev_hash=_hash_hex(fields, "prev_hash"), hash=_hash_hex(fields, "hash"),
         kind=kind if isinstance(kind, str) else None,
         state=state if isinstance(state, str) else None,
-        created_ms=created if isinstance(created, int) and not isinstance(created, bool)
-        else None)
+        created_ms=_column_int(fields.get("created_ms"), low=0))
+
+
+def _column_int(value: object, *, low: int) -> int | None:
+    """An integer the store can index (a signed 64-bit column), else None: a gate's
+    2**70 is kept in the entry's JSON and flagged by the checks, never an overflow in
+    the database driver."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value < 1 << 63:
+        return None
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -233,6 +233,37 @@ def test_malformed_messages_are_kept_aside(
     h.stop()
 
 
+def test_poison_batches_never_stop_the_headend(
+        gates: Callable[..., SignedGate], stubs: Callable[..., GateStub],
+        run_headend: Callable[..., Headend]) -> None:
+    """What one compromised gate could send, again and again, to stop every head-end
+    instance in turn and with them the fleet's sync: each is kept aside or stored as it
+    came, and the batches after it are stored and acknowledged."""
+    gate = gates(taps=2)
+    entries = gate.entries()
+    h = run_headend()
+    stub = stubs(gate.gate)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    stub.publish_raw(b'{"batch":"deep","entries":' + deep + b',"gate":"'
+                     + gate.gate.encode() + b'"}')
+    stub.publish("many", [{"uuid": f"{i:032x}"} for i in range(10_001)])
+    # integers no database column holds: kept in the entry's JSON, not indexed
+    huge = {**entries[0], "uuid": "F" * 32, "id": 2**64, "created_ms": 2**70}
+    assert stub.sync([("huge", [huge])])["huge"].stored == ["F" * 32]
+    acks = stub.sync(batches(entries, 10))
+    assert next(iter(acks.values())).stored == uuids_of(entries)
+    assert h.proc is not None and h.proc.poll() is None
+    whys = [r["why"] for r in export(h.db, "--rejected")]
+    assert len(whys) == 2
+    assert whys[0].startswith("not a batch: maximum recursion depth exceeded")
+    assert whys[1] == "not a batch: 10001 entries, more than a gate sends (10000)"
+    stored = {r["uuid"]: r for r in rows(h.db)}
+    assert set(stored) == {"F" * 32, *uuids_of(entries)}
+    assert stored["F" * 32]["entry_id"] is None
+    assert json.loads(stored["F" * 32]["entry_json"])["created_ms"] == 2**70
+    h.stop()
+
+
 def test_store_keeps_a_restarted_journal_and_flags_its_reused_ids(tmp_path: Path) -> None:
     """In process, no broker: a gate whose journal started over (ids from 1 again, same
     device key) is stored beside the old one, each reused id flagged; a uuid twice in one
