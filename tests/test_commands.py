@@ -96,7 +96,7 @@ class Console:
 
     def send(self, topic: str, payload: bytes, *, reply_under: str | None = None,
              retain: bool = False) -> bytes:
-        nonce = secrets.token_bytes(8)
+        nonce = secrets.token_bytes(16)  # as headend/command.py makes it (the nonce)
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         if reply_under:
             props.ResponseTopic = f"{contract.reply_topic(reply_under)}/{nonce.hex()}"
@@ -307,6 +307,8 @@ def test_forged_broken_and_stale_commands_are_refused_with_the_reason(
         ("malformed", b"{not json", "malformed: not JSON"),
         ("wrong shape", b'{"key_id": "x", "body": 1, "sig": ""}', "malformed: "),
         ("oversized", b"x" * (contract.MAX_COMMAND_BYTES + 1), "too large"),
+        ("seq past 64 bits", op.payload(gid, "sync_now", {}, seq=2**63),
+         "malformed: body.seq must be an integer, 0 to 2**63 - 1"),
         ("another gate", op.payload("000000FFFFFF", "sync_now", {}), "not for this gate"),
         ("fleet on the gate's topic", op.payload(contract.FLEET, "sync_now", {}),
          "not for this gate"),
@@ -333,8 +335,12 @@ def test_forged_broken_and_stale_commands_are_refused_with_the_reason(
     lower = console.ask(gid, op.payload(gid, "sync_now", {}, seq=99))
     assert (lower["reason"], lower["result"]) == ("replayed", {"last_seq": 100})
     assert console.ask(gid, op.payload(gid, "sync_now", {}, seq=1000))["ok"]
+    # a name this gate does not know uses no seq up
+    assert console.ask(gid, op.payload(gid, "self_destruct", {}, seq=1001))["reason"] == (
+        "unknown command")
+    assert console.ask(gid, op.payload(gid, "sync_now", {}, seq=1001))["ok"]
     # a fleet command on the fleet topic, answered under the fleet's reply topic
-    fleet = console.ask(gid, op.payload(contract.FLEET, "report_status", {}, seq=1001),
+    fleet = console.ask(gid, op.payload(contract.FLEET, "report_status", {}, seq=1002),
                         topic=contract.fleet_cmd_topic(), reply_under=contract.FLEET)
     assert fleet["ok"] and fleet["gate"] == gid
     # an answer is never sent outside the reply topics: the refusal is only logged

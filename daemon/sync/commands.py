@@ -20,7 +20,8 @@ The check of the sequence number and its record are one transaction under the
 journal's writer lock, together with whatever durable state the command changes. A
 command that passed every check up to the replay one uses its sequence number up even
 if it is then refused (bad args, a stale deny-list version): sent again later, when
-the state may have changed, it is a replay.
+the state may have changed, it is a replay. A name this gate does not know is refused
+before that, and uses nothing up.
 
 The answer (:class:`contract.Reply`) goes to the MQTT v5 Response Topic with the
 Correlation Data, when the response topic is under ``tapgate/v1/<this gate>/reply/`` or
@@ -80,9 +81,11 @@ class Incoming:
 
 
 def _integer(obj: Mapping[str, Any], key: str) -> int:
+    # (what the journal's 64-bit columns hold: a larger seq must be refused, not break
+    # the transaction that records it)
     value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Refused(f"malformed: body.{key} must be an integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise Refused(f"malformed: body.{key} must be an integer, 0 to 2**63 - 1")
     return value
 
 
@@ -236,16 +239,16 @@ class Commands:
     def _apply(self, cmd: contract.SignedCommand) -> dict[str, Any]:
         body = cmd.body
         refusal: Refused | None = None
+        handler = self.control.handlers.get(body.name) or HANDLERS.get(body.name)
+        if handler is None:  # refused before its seq is claimed: nothing of it was applied
+            known = sorted({*HANDLERS, *self.control.handlers})
+            raise Refused(UNKNOWN_COMMAND, body.seq, {"known": known})
         try:
             with self._journal.control() as state:
                 last = state.claim_seq(cmd.key_id.upper(), body.seq)
                 if last is not None:
                     raise Refused(REPLAYED, body.seq, {"last_seq": last})
-                handler = self.control.handlers.get(body.name) or HANDLERS.get(body.name)
                 try:
-                    if handler is None:
-                        known = sorted({*HANDLERS, *self.control.handlers})
-                        raise Refused(UNKNOWN_COMMAND, body.seq, {"known": known})
                     with state.savepoint():  # what a refused handler wrote is undone
                         after = handler(self.control, body.args, state)
                 except Refused as err:  # the seq stays used: see the module's docstring
