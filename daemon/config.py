@@ -283,6 +283,11 @@ def _operators(o: _Section) -> OperatorsConfig:
                               "8 bytes of the public key, as tapgate-headend keygen prints)")
         if not isinstance(public, str) or not re.fullmatch(r"[0-9A-Fa-f]{64}", public):
             raise ConfigError(where, public, "must be an Ed25519 public key: 64 hex digits")
+        # Replays are refused per key id: an id that is not its key's own, or one key
+        # under two ids, would let a command already applied run again under the other.
+        if key_id.upper() != public[:16].upper():
+            raise ConfigError(where, public, f"the key id must be the first 8 bytes of the "
+                              f"public key: {public[:16].upper()}")
         keys[key_id.upper()] = bytes.fromhex(public)
     return OperatorsConfig(keys=keys,
                            clock_skew_s=o.number("clock_skew_s", 30.0, low=0, high=3600))

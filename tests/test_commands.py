@@ -230,8 +230,12 @@ def test_operator_keys_config() -> None:
     assert operators.keys == {op.key_id: bytes.fromhex(op.public_hex)}
     assert operators.clock_skew_s == 5
     assert validate(raw_config()).operators.keys == {}
+    other = Operator()
     for table, why in (({"XYZ": op.public_hex}, "16 hex digits"),
                        ({op.key_id: "00"}, "64 hex digits"),
+                       ({other.key_id: op.public_hex}, "the first 8 bytes of the public key"),
+                       ({op.key_id: op.public_hex, other.key_id: op.public_hex},
+                        "the first 8 bytes of the public key"),
                        ("nope", "must be a table")):
         raw["operators"] = {"keys": table}
         with pytest.raises(ConfigError, match=why):
