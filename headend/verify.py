@@ -182,6 +182,11 @@ class Verifier:
         tac, why = self._tac(fields)
         if why:
             notes.append(why)
+        terminal = fields.get("terminal_id")
+        if isinstance(terminal, str) and terminal.upper() != gate.upper():
+            # a gate's id is its terminal id: another's debit filed under this gate
+            # (signed by this gate's key, its TAC still good) would be settled twice
+            notes.append(f"terminal id {terminal} is not this gate's")
         return Verdict(hash=hash_state, sig=sig, tac=tac, notes=tuple(notes))
 
     @staticmethod

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from daemon.journal.entry import chain_hash
 from headend import verify
 from headend.verify import Verifier, parse_entry
-from tests.gate_stub import SignedGate
+from tests.gate_stub import SignedGate, reseal
 from tests.headend_support import ROOT, Headend, env, headend, rows, verified_rows
 from tests.helpers import MASTER_TAC_KEY
 
@@ -115,6 +115,27 @@ def test_a_verifier_crosses_to_its_processes_with_its_keys(tmp_path: Path) -> No
         gate.gate, debit) == verify.Verdict(hash="ok", sig="ok", tac="ok")
     assert pickle.loads(pickle.dumps(Verifier())).verify_fields(gate.gate, debit).sig == (
         "no key")
+
+
+def test_a_debit_of_another_terminal_filed_under_a_gate_is_flagged(tmp_path: Path) -> None:
+    """A gate that re-files another terminal's debit under its own id, signed with its
+    own key: hash, signature and TAC all hold (the TAC covers the other terminal's id),
+    so only the terminal id gives it away."""
+    here = SignedGate(tmp_path / "here", bytes.fromhex("000000A00001"))
+    there = SignedGate(tmp_path / "there", bytes.fromhex("000000A00002"))
+    try:
+        there.ride(3)
+        theirs = next(e for e in there.entries() if (e["kind"], e["state"]) == (
+            "debit", "completed"))
+        forged = reseal(theirs, here.key)
+    finally:
+        here.close()
+        there.close()
+    verifier = Verifier(tac_master_key=MASTER_TAC_KEY,
+                        gate_keys={here.gate: [here.key.public_key()]})
+    assert verifier.verify_fields(here.gate, forged) == verify.Verdict(
+        hash="ok", sig="ok", tac="ok", notes=("terminal id 000000A00002 is not this gate's",))
+    assert verifier.verify_fields(there.gate, theirs).notes == ()
 
 
 def test_what_a_stopped_headend_left_pending_is_checked_by_the_next(
