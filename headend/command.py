@@ -120,6 +120,10 @@ def send(broker: Broker, key: Ed25519PrivateKey, key_id: str, request: Request,
     topic = contract.fleet_cmd_topic() if fleet else contract.cmd_topic(request.target)
     nonce = secrets.token_hex(16)
     reply_topic = f"{contract.reply_topic(request.target)}/{nonce}"
+    # Each gate answers under its own reply topic, which the broker lets only that gate
+    # write: a fleet command's answers are read from every gate's, and each answer is
+    # taken only from the topic of the gate it names.
+    answers_topic = contract.topic("+", f"reply/{nonce}") if fleet else reply_topic
     correlation = bytes.fromhex(nonce)
 
     replies: list[dict[str, Any]] = []
@@ -132,12 +136,12 @@ def send(broker: Broker, key: Ed25519PrivateKey, key_id: str, request: Request,
             failure.append(f"{broker} refused the connection: {reason}")
             ready.set()
             return
-        client.subscribe(reply_topic, options=SubscribeOptions(qos=1))
+        client.subscribe(answers_topic, options=SubscribeOptions(qos=1))
 
     def on_subscribe(client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
                      properties: Any) -> None:
         if any(r.is_failure for r in reasons):
-            failure.append(f"subscription to {reply_topic} refused: {reasons[0]}")
+            failure.append(f"subscription to {answers_topic} refused: {reasons[0]}")
         ready.set()
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -149,6 +153,11 @@ def send(broker: Broker, key: Ed25519PrivateKey, key_id: str, request: Request,
             log.warning("an answer that is not JSON: %r", msg.payload[:200])
             return
         if not isinstance(reply, dict):
+            return
+        sender = msg.topic.split("/")[2]
+        if sender == contract.FLEET or reply.get("gate") != sender:
+            log.warning("an answer on %s in the name of gate %r: ignored", msg.topic,
+                        reply.get("gate"))
             return
         with lock:
             replies.append(reply)

@@ -324,8 +324,11 @@ def test_what_a_real_gate_and_head_end_publish_matches_the_document(
         assert cmd.response_topic is not None and response_pattern.fullmatch(cmd.response_topic)
         assert cmd.correlation is not None
         assert cmd.response_topic.rsplit("/", 1)[1] == cmd.correlation.hex()
-        (reply,) = [r for r in replies if r.topic == cmd.response_topic]
+        # a fleet command's too: under the gate's own reply topic, which names it
+        (reply,) = [r for r in replies
+                    if r.topic == f"{contract.reply_topic(gate)}/{cmd.correlation.hex()}"]
         assert reply.correlation == cmd.correlation and not reply.retain
+    assert not [r for r in replies if r.topic.startswith(contract.reply_topic(contract.FLEET))]
     assert all(s.retain for s in sniffer.on(contract.reported_topic(gate)))
 
     # status: retained, QoS 1 per the document, the offline ones with their reasons

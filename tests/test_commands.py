@@ -74,6 +74,7 @@ class Console:
 
     def __init__(self, broker: Mosquitto) -> None:
         self.replies: dict[bytes, list[dict[str, Any]]] = {}
+        self.topics: dict[bytes, list[str]] = {}  # where each answer came
         self.reported: list[tuple[dict[str, Any], bool]] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -93,6 +94,7 @@ class Console:
                 return
             correlation = bytes(getattr(msg.properties, "CorrelationData", b"") or b"")
             self.replies.setdefault(correlation, []).append(json.loads(msg.payload))
+            self.topics.setdefault(correlation, []).append(msg.topic)
 
     def send(self, topic: str, payload: bytes, *, reply_under: str | None = None,
              retain: bool = False) -> bytes:
@@ -343,10 +345,14 @@ def test_forged_broken_and_stale_commands_are_refused_with_the_reason(
     assert console.ask(gid, op.payload(gid, "self_destruct", {}, seq=1001))["reason"] == (
         "unknown command")
     assert console.ask(gid, op.payload(gid, "sync_now", {}, seq=1001))["ok"]
-    # a fleet command on the fleet topic, answered under the fleet's reply topic
-    fleet = console.ask(gid, op.payload(contract.FLEET, "report_status", {}, seq=1002),
-                        topic=contract.fleet_cmd_topic(), reply_under=contract.FLEET)
-    assert fleet["ok"] and fleet["gate"] == gid
+    # a fleet command on the fleet topic, answered under the gate's own reply topic (which
+    # only it may write), with the last level of the fleet's
+    nonce = console.send(contract.fleet_cmd_topic(),
+                         op.payload(contract.FLEET, "report_status", {}, seq=1002),
+                         reply_under=contract.FLEET)
+    wait_until(lambda: bool(console.replies.get(nonce)), "the fleet answer", TIMEOUT_S)
+    assert console.replies[nonce][0]["ok"] and console.replies[nonce][0]["gate"] == gid
+    assert console.topics[nonce] == [f"{contract.reply_topic(gid)}/{nonce.hex()}"]
     # an answer is never sent outside the reply topics: the refusal is only logged
     nonce = console.send(contract.cmd_topic(gid), op.payload(gid, "sync_now", {}, seq=5),
                          reply_under=None)
@@ -355,6 +361,8 @@ def test_forged_broken_and_stale_commands_are_refused_with_the_reason(
     assert gate.commands.stats.refused >= len(cases) + 3
     assert not gate.commands.verifier.reply_allowed(contract.status_topic(gid))
     assert not gate.commands.verifier.reply_allowed(contract.reply_topic("000000FFFFFF") + "/x")
+    assert gate.commands.verifier.answer_topic(contract.reply_topic(contract.FLEET) + "/x") == (
+        contract.reply_topic(gid) + "/x")
 
 
 def test_deny_list_versions_and_state_survive_a_restart(

@@ -126,11 +126,14 @@ def test_over_tls_with_client_certificates(
 class CommandResponder:
     """The gate's side of commands, as far as these tests need it: checks the operator's
     Ed25519 signature over the canonical body, the key id, the target, the expiry and
-    replay, and answers on the response topic with the correlation data."""
+    replay, and answers with the correlation data under its own reply topic, with the
+    response topic's last level (daemon.sync.commands). ``forge``: also answer a fleet
+    command on the fleet's reply topic, in the name of a gate that never saw it."""
 
     def __init__(self, broker: Mosquitto, gate: str,
-                 operators: dict[str, Ed25519PublicKey]) -> None:
+                 operators: dict[str, Ed25519PublicKey], *, forge: str = "") -> None:
         self.gate = gate
+        self.forge = forge
         self.operators = operators
         self.applied: set[int] = set()
         self.seen: list[tuple[str, dict[str, Any], str, bytes]] = []
@@ -175,7 +178,14 @@ class CommandResponder:
                                result={"name": cmd["body"]["name"], "args": cmd["body"]["args"]})
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.CorrelationData = correlation
-        client.publish(response, reply.encode(), qos=1, properties=props)
+        nonce = response.rsplit("/", 1)[1]
+        client.publish(f"{contract.reply_topic(self.gate)}/{nonce}", reply.encode(), qos=1,
+                       properties=props)
+        if self.forge and msg.topic == contract.fleet_cmd_topic():
+            forged = contract.Reply(gate=self.forge, seq=seq, ok=True, reason="", result={})
+            client.publish(response, forged.encode(), qos=1, properties=props)
+            client.publish(f"{contract.reply_topic(self.gate)}/{nonce}", forged.encode(),
+                           qos=1, properties=props)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -195,7 +205,8 @@ def test_command_signing_round_trip(tmp_path: Path, broker: Mosquitto) -> None:
     state = env(XDG_STATE_HOME=str(tmp_path / "state"))
     gate = "000000A00001"
     responders = [CommandResponder(broker, gate, {info["key_id"]: public}),
-                  CommandResponder(broker, "000000A00002", {info["key_id"]: public})]
+                  CommandResponder(broker, "000000A00002", {info["key_id"]: public},
+                                   forge="000000A00003")]
     common = ["--broker", f"{broker.host}:{broker.port}", "--key-file", str(key_path),
               "--key-id", info["key_id"], "--timeout", "10"]
     try:
@@ -231,11 +242,13 @@ def test_command_signing_round_trip(tmp_path: Path, broker: Mosquitto) -> None:
                           env=state)
         assert unknown.returncode == 3 and json.loads(unknown.stdout)["reason"] == (
             "unknown key id")
-        # the fleet: every gate answers, each on its line
+        # the fleet: every gate answers, each on its line; an answer in the name of a gate
+        # that is not the one whose topic it came on is not taken
         fleet = headend("command", "fleet", "sync_now", *common[:-1], "2", env=state)
         assert fleet.returncode == 0, fleet.stderr
         answers = [json.loads(x) for x in fleet.stdout.splitlines()]
         assert sorted(a["gate"] for a in answers) == [gate, "000000A00002"]
+        assert fleet.stderr.count("in the name of gate '000000A00003': ignored") == 2
         assert all(a["ok"] for a in answers)
         assert responders[1].seen[0][0] == contract.fleet_cmd_topic()
     finally:

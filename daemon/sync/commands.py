@@ -23,9 +23,12 @@ if it is then refused (bad args, a stale deny-list version): sent again later, w
 the state may have changed, it is a replay. A name this gate does not know is refused
 before that, and uses nothing up.
 
-The answer (:class:`contract.Reply`) goes to the MQTT v5 Response Topic with the
-Correlation Data, when the response topic is under ``tapgate/v1/<this gate>/reply/`` or
-``tapgate/v1/fleet/reply/``; otherwise the refusal is only logged.
+The answer (:class:`contract.Reply`) goes with the Correlation Data to the MQTT v5
+Response Topic when that is one level under ``tapgate/v1/<this gate>/reply/``. A fleet
+command's (one level under ``tapgate/v1/fleet/reply/``) is answered under this gate's
+own reply topic, with the same last level: a topic only this gate may write, so the
+operator knows which gate answered (a shared fleet topic would let any gate answer in
+the others' names). Any other Response Topic gets no answer; the refusal is only logged.
 
 paho's thread only queues what comes (:meth:`Commands.submit`); :meth:`Commands.run`,
 a thread of its own, verifies and applies, so a command that waits (open the gate)
@@ -153,13 +156,21 @@ class Verifier:
         return cmd
 
     def reply_allowed(self, topic: str) -> bool:
-        """Answers go only under this gate's or the fleet's reply topic, one level deep."""
+        """Whether a command with this Response Topic is answered (:meth:`answer_topic`)."""
+        return self.answer_topic(topic) is not None
+
+    def answer_topic(self, topic: str) -> str | None:
+        """Where the answer to a command with Response Topic ``topic`` goes: one level
+        under this gate's reply topic, taken from under its own or the fleet's; None:
+        nowhere."""
+        if len(topic) > 256:
+            return None
         for owner in (self.gate_id, contract.FLEET):
             prefix = contract.reply_topic(owner) + "/"
             rest = topic.removeprefix(prefix)
             if rest != topic and rest and not any(c in rest for c in "/+#\0"):
-                return len(topic) <= 256
-        return False
+                return contract.reply_topic(self.gate_id) + "/" + rest
+        return None
 
 
 @dataclass
@@ -268,9 +279,10 @@ class Commands:
         topic = incoming.response_topic
         if not topic:
             return
-        if not self.verifier.reply_allowed(topic):
+        answer = self.verifier.answer_topic(topic)
+        if answer is None:
             log.warning("no answer sent to %r: not under this gate's or the fleet's reply "
                         "topic", topic[:200])
             return
-        if not self._publish(topic, reply.encode(), correlation=incoming.correlation):
+        if not self._publish(answer, reply.encode(), correlation=incoming.correlation):
             log.warning("answer to seq %s not sent: no connection to the broker", reply.seq)
