@@ -37,14 +37,16 @@ log = logging.getLogger("tapgate.recovery")
 
 @dataclass
 class Resolution:
-    recovered: list[Entry] = field(default_factory=list)
-    unproven: list[Entry] = field(default_factory=list)
     not_debited: list[Entry] = field(default_factory=list)
     uncertain: list[Entry] = field(default_factory=list)
-    open_gate: bool = False  # the card paid for this passage already
-    paid: Entry | None = None  # the last closing entry that says so
+    paid: Entry | None = None  # the last closing entry that says the card paid this trip
     balance: int | None = None
     amount: int = 0
+
+    @property
+    def open_gate(self) -> bool:
+        """The card paid for this passage already."""
+        return self.paid is not None
 
 
 def purchase_of(entry: Entry) -> Purchase:
@@ -135,19 +137,14 @@ class Recoverer:
         for torn in pending:
             entry, paid = self._resolve_one(link, serial, torn, card_log)
             if paid:  # the card's log shows this gate's debit: never charge the trip again
-                result.open_gate = True
                 result.paid = entry
                 result.amount += entry.amount
                 result.balance = entry.balance_after
             log.info("torn debit %d of %s: %s (%s)", torn.id, serial.hex().upper(),
                      entry.state, entry.reason)
-            if entry.state == RECOVERED:
-                result.recovered.append(entry)
-            elif entry.state == UNPROVEN:
-                result.unproven.append(entry)
-            elif entry.state == NOT_DEBITED:
+            if entry.state == NOT_DEBITED:
                 result.not_debited.append(entry)
-            else:
+            elif entry.state == UNCERTAIN:
                 result.uncertain.append(entry)
         return result
 

@@ -196,10 +196,9 @@ class TapProcessor:
             except CardFault as err:
                 log.warning("recovery of %s interrupted: %s", serial.hex().upper(), err)
                 return self._signal(TapResult(Outcome.TAP_AGAIN, "card not readable", serial))
-            if resolution.open_gate:
+            if resolution.paid is not None:
                 # The card paid this trip before anything since (a block, the deny
                 # list, expiry) could stop it: through, as it would have gone then.
-                assert resolution.paid is not None
                 return self._accept(TapResult(Outcome.RECOVERED, "torn debit recovered", serial,
                                               resolution.amount, resolution.balance,
                                               resolution.paid.id))

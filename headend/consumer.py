@@ -177,18 +177,15 @@ class Consumer:
             client.ack(msg.mid, msg.qos)
 
     def _keep_aside(self, msg: mqtt.MQTTMessage, why: str) -> None:
-        levels = msg.topic.split("/")
-        gate = levels[2] if len(levels) == 4 else msg.topic
         try:
-            self.store.reject_payload(gate=gate, payload=bytes(msg.payload), why=why,
+            self.store.reject_payload(gate=_gate_of(msg.topic), payload=bytes(msg.payload), why=why,
                                       stored_by=self.client_id)
         except StoreError as err:
             log.error("%s", err)
 
     def _handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
-        levels = msg.topic.split("/")
-        gate = levels[2] if len(levels) == 4 else msg.topic
-        if len(levels) == 4 and levels[3] == "info":
+        gate = _gate_of(msg.topic)
+        if msg.topic == contract.info_topic(gate):
             self._info(gate, bytes(msg.payload))
             return
         props = msg.properties
@@ -248,3 +245,10 @@ class Consumer:
             log.exception("info of %s refused: it broke the directory", gate)
             return
         self.infos += outcome == STORED
+
+
+def _gate_of(topic: str) -> str:
+    """The gate a message came from: its topic's gate level (tapgate/v1/<gate>/<leaf>),
+    else the whole topic."""
+    levels = topic.split("/")
+    return levels[2] if len(levels) == 4 else topic

@@ -155,10 +155,6 @@ class Verifier:
             raise Refused(FUTURE, seq, {"issued_at": body.issued_at, "now": now})
         return cmd
 
-    def reply_allowed(self, topic: str) -> bool:
-        """Whether a command with this Response Topic is answered (:meth:`answer_topic`)."""
-        return self.answer_topic(topic) is not None
-
     def answer_topic(self, topic: str) -> str | None:
         """Where the answer to a command with Response Topic ``topic`` goes: one level
         under this gate's reply topic, taken from under its own or the fleet's; None:
