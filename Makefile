@@ -31,7 +31,7 @@ test: system-deps test-system-deps $(VENV)/.test-deps
 check: lint typecheck
 
 lint: $(VENV)/.test-deps
-	$(VENV)/bin/ruff check daemon hal headend tests bench
+	$(VENV)/bin/ruff check protocol daemon hal headend tests bench
 
 typecheck: $(VENV)/.test-deps
 	$(VENV)/bin/mypy

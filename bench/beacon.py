@@ -35,10 +35,10 @@ from dbus_fast.service import ServiceInterface, dbus_property
 from bench.common import pct, summary
 from daemon.beacon import frameset
 from daemon.beacon.controller import BeaconController
-from daemon.beacon.eid import compute_eid
 from daemon.config import validate
 from hal.ble.base import AdvertisingRequest
 from hal.ble.bluez import BluezAdvertiser
+from protocol.beacon.eid import compute_eid
 from tests.fixtures.bluez import BluezMock, check_prerequisites
 from tests.helpers import raw_config
 

@@ -4,7 +4,7 @@ A journal on disk (bench.common.scratch_dir()) gets a backlog of signed entries,
 gate that was offline for a long time would have: debit intents and completions with
 full card data and the TAC the card would have made (bench.common.MASTER_TAC), and some
 refusals. A mosquitto on a free loopback port and an acking subscriber in a process of
-its own (it decodes every batch and acks its uuids per daemon.sync.contract, as a
+its own (it decodes every batch and acks its uuids per protocol.contract, as a
 head-end does after storing) stand in for the back office; with --headend the real
 tapgate-headend does, with the gate's device key and the TAC master key: it stores and
 acknowledges each batch, and checks every hash, signature and TAC after the ack. Then
@@ -57,12 +57,12 @@ from paho.mqtt.properties import Properties
 from bench import drain_ceiling
 from bench.common import MASTER_TAC, TERMINAL, scratch_dir
 from daemon.config import MqttConfig
-from daemon.journal import Draft, Journal
-from daemon.journal.entry import COMPLETED, INTENT, KIND_DEBIT, KIND_REFUSAL, REFUSED
-from daemon.purse.crypto import Purchase, card_tac_key
-from daemon.sync import contract
+from daemon.journal import Journal
 from daemon.sync.uplink import Uplink
 from headend import keys
+from protocol import contract
+from protocol.entry import COMPLETED, INTENT, KIND_DEBIT, KIND_REFUSAL, REFUSED, Draft
+from protocol.tgp1.crypto import Purchase, card_tac_key
 
 GATE = TERMINAL.hex().upper()
 BARE_TOPIC = "bench/bare"

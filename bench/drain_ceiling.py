@@ -35,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon.sync import contract
+from protocol import contract
 
 _INSERT = ("INSERT INTO entry (gate, uuid, entry_id, prev_hash, hash, entry_json) "
            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (uuid) DO NOTHING")

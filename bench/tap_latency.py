@@ -61,14 +61,14 @@ from bench.common import (
 from daemon.config import GateConfig
 from daemon.journal import Journal
 from daemon.outcome import Outcome
-from daemon.purse import apdu
-from daemon.purse.crypto import Purchase
 from daemon.tap import TapProcessor
 from hal.card.model import VirtualPurse
 from hal.card.vpcd import VpcdCard
 from hal.gate.sim import SimGateIO
 from hal.reader.base import CardLink
 from hal.sam.software import SoftwareSam
+from protocol.tgp1 import apdu
+from protocol.tgp1.crypto import Purchase
 
 FARE = 250
 DEADLINE_S = 60.0

@@ -18,9 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, cli_journal, devicekey
+from daemon import __version__, cli_journal
 from daemon.config import CARD_TYPES, Config, load
-from daemon.errors import ConfigError, TapgateError
+from protocol import devicekey
+from protocol.errors import ConfigError, TapgateError
 
 EXIT_FAULT = 1
 EXIT_CONFIG = 2

@@ -12,7 +12,7 @@ from typing import Any
 from daemon.beacon import frameset
 from daemon.beacon.config import PHONE_SERVICE_UUID
 from daemon.config import Config
-from daemon.errors import ConfigError
+from protocol.errors import ConfigError
 
 AD_NAMES = {0x01: "Flags", 0x03: "Complete List of 16-bit Service UUIDs",
             0x16: "Service Data - 16-bit UUID", 0xFF: "Manufacturer Specific Data"}

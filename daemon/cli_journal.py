@@ -20,11 +20,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from daemon import devicekey
 from daemon.config import Config
-from daemon.errors import ConfigError, JournalError
-from daemon.journal import Entry, Journal, schema
-from daemon.journal.entry import (
+from daemon.journal import Journal, schema
+from daemon.journal.store import SQLITE_MAGIC
+from protocol import devicekey
+from protocol.entry import (
     COMPLETED,
     ENTRY_FIELDS,
     KIND_DEBIT,
@@ -34,8 +34,9 @@ from daemon.journal.entry import (
     SYNC_PENDING,
     SYNC_SYNCED,
     TORN,
+    Entry,
 )
-from daemon.journal.store import SQLITE_MAGIC
+from protocol.errors import ConfigError, JournalError
 
 EXIT_FAULT = 1
 BATCH = 5000  # entries per read: each batch is its own short read transaction

@@ -16,10 +16,9 @@ from typing import Any
 
 from daemon.cli_journal import TAP_OUTCOMES_SQL, JournalView, local_time, money
 from daemon.config import Config
-from daemon.errors import JournalError
-from daemon.journal import Entry
-from daemon.journal.entry import KIND_PASS, KIND_RECOVERY, KIND_REFUSAL, TORN
 from daemon.status import Liveness, ago, liveness, read_status
+from protocol.entry import KIND_PASS, KIND_RECOVERY, KIND_REFUSAL, TORN, Entry
+from protocol.errors import JournalError
 
 EXIT_FAULT = 1
 _WIDTH = 21

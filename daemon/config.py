@@ -19,7 +19,7 @@ from typing import Any
 from daemon.beacon import config as beacon_config
 from daemon.beacon.config import BeaconConfig
 from daemon.configsection import Section as _Section
-from daemon.errors import ConfigError
+from protocol.errors import ConfigError
 
 CARD_TYPES = {"adult": 0x01, "concession": 0x02, "staff": 0x03}
 ENV_PREFIX = "TAPGATE_"

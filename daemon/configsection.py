@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import ConfigError
+from protocol.errors import ConfigError
 
 
 class Section:

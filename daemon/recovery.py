@@ -24,13 +24,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from daemon.journal import Draft, Entry, Journal
-from daemon.journal.entry import KIND_RECOVERY, NOT_DEBITED, RECOVERED, UNCERTAIN, UNPROVEN
-from daemon.purse import apdu
-from daemon.purse.apdu import LogRecord
-from daemon.purse.crypto import Purchase
+from daemon.journal import Journal
 from hal.reader.base import CardLink
 from hal.sam.base import Sam
+from protocol.entry import KIND_RECOVERY, NOT_DEBITED, RECOVERED, UNCERTAIN, UNPROVEN, Draft, Entry
+from protocol.tgp1 import apdu
+from protocol.tgp1.apdu import LogRecord
+from protocol.tgp1.crypto import Purchase
 
 log = logging.getLogger("tapgate.recovery")
 

@@ -13,9 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from daemon import __version__, devicekey
+from daemon import __version__
 from daemon.config import Config
-from daemon.errors import TapgateError
 from daemon.journal import Journal
 from daemon.loop import CardLoop
 from daemon.metrics import (
@@ -36,6 +35,8 @@ from hal.gate.base import GateIO, Signal
 from hal.reader.base import Reader, ReaderState
 from hal.registry import backend_class
 from hal.sam.base import Sam
+from protocol import devicekey
+from protocol.errors import TapgateError
 
 if TYPE_CHECKING:
     from daemon.beacon.controller import BeaconController

@@ -9,7 +9,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from daemon.errors import TapgateError
+from protocol.errors import TapgateError
 
 log = logging.getLogger("tapgate.supervisor")
 

@@ -20,9 +20,13 @@ import time
 from collections.abc import Callable, Iterable
 
 from daemon.config import GateConfig
-from daemon.errors import CardFault, CardGone, CardStatus, JournalError, JournalFull
-from daemon.journal import Draft, Entry, Journal
-from daemon.journal.entry import (
+from daemon.journal import Journal
+from daemon.outcome import Outcome, TapResult
+from daemon.recovery import Recoverer
+from hal.gate.base import GateIO, Signal
+from hal.reader.base import CardLink
+from hal.sam.base import Sam
+from protocol.entry import (
     COMPLETED,
     INTENT,
     KIND_DEBIT,
@@ -30,15 +34,13 @@ from daemon.journal.entry import (
     KIND_REFUSAL,
     REFUSED,
     TORN,
+    Draft,
+    Entry,
 )
-from daemon.outcome import Outcome, TapResult
-from daemon.purse import apdu
-from daemon.purse.apdu import CardInfo
-from daemon.purse.crypto import Purchase
-from daemon.recovery import Recoverer
-from hal.gate.base import GateIO, Signal
-from hal.reader.base import CardLink
-from hal.sam.base import Sam
+from protocol.errors import CardFault, CardGone, CardStatus, JournalError, JournalFull
+from protocol.tgp1 import apdu
+from protocol.tgp1.apdu import CardInfo
+from protocol.tgp1.crypto import Purchase
 
 log = logging.getLogger("tapgate.tap")
 

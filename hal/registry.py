@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from daemon.errors import BackendMissing, ConfigError
+from protocol.errors import BackendMissing, ConfigError
 
 # kind -> backend name -> ("module:Class", the PyPI package its driver comes from)
 BACKENDS: dict[str, dict[str, tuple[str, str]]] = {

@@ -12,7 +12,7 @@ An EID changes every 2**K seconds and only a holder of the key can tell whose it
 :meth:`BeaconDirectory.resolve` computes each registered gate's EIDs around ``now``.
 
 :meth:`BeaconDirectory.resolve` takes the advertising-data bytes a phone saw, parses
-them (:func:`daemon.beacon.frames.parse`) and maps the identifier to its gate. The
+them (:func:`protocol.beacon.frames.parse`) and maps the identifier to its gate. The
 tables (``beacon_info``, ``beacon_eid``) live in the head-end's database, beside the
 store's; the identity keys are secrets in it.
 """
@@ -28,11 +28,11 @@ from typing import Any
 
 import peewee
 
-from daemon.beacon import eid as beacon_eid
-from daemon.beacon import frames
-from daemon.sync import contract
 from headend.gateinfo import MAX_EXPONENT, MAX_URL, GateInfo, InfoError, parse_info
 from headend.store import StoreError, open_database
+from protocol import contract
+from protocol.beacon import eid as beacon_eid
+from protocol.beacon import frames
 
 log = logging.getLogger("tapgate.headend.beacons")
 

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from daemon.errors import ConfigError, TapgateError
-from daemon.sync import contract
 from headend import __version__, command, keys
 from headend.mqtt import Broker, check_topic_level, parse_broker
+from protocol import contract
+from protocol.errors import ConfigError, TapgateError
 
 log = logging.getLogger("tapgate.headend")
 

@@ -31,9 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from daemon.errors import ConfigError, SyncError
-from daemon.sync import contract
 from headend.mqtt import Broker, connect_properties, new_client, publish_properties
+from protocol import contract
+from protocol.errors import ConfigError, SyncError
 
 log = logging.getLogger("tapgate.headend.command")
 

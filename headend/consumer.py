@@ -42,12 +42,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from daemon.sync import contract
 from headend.beacons import STORED, BeaconDirectory
 from headend.mqtt import Broker, connect_properties, new_client, publish_properties
 from headend.store import Store, StoreError
 from headend.verdicts import VerifyingProcesses
 from headend.verify import Verifier
+from protocol import contract
 
 log = logging.getLogger("tapgate.headend")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from daemon import devicekey
-from daemon.errors import ConfigError
+from protocol import devicekey
+from protocol.errors import ConfigError
 
 TAC_KEY_BYTES = 16
 KEY_ID_BYTES = 8

@@ -11,7 +11,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon.errors import ConfigError
+from protocol.errors import ConfigError
 
 PLAIN_PORT = 1883
 TLS_PORT = 8883

@@ -40,9 +40,9 @@ from urllib.parse import urlparse
 import peewee
 from playhouse import db_url
 
-from daemon.errors import ConfigError, TapgateError
 from headend import verify
 from headend.verify import PENDING_VERDICT, Parsed, Verdict, Verifier
+from protocol.errors import ConfigError, TapgateError
 
 log = logging.getLogger("tapgate.headend.store")
 

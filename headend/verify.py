@@ -1,6 +1,6 @@
 """What the head-end checks in each entry, on the JSON form the gate exported.
 
-* the hash: :func:`daemon.journal.entry.chain_hash` recomputed from the fields;
+* the hash: :func:`protocol.entry.chain_hash` recomputed from the fields;
 * the signature: Ed25519 over the hash, by the gate's device key, when the key is known;
 * the TAC of each recognised debit (debit/completed, recovery/recovered): recomputed
   with the back office's K_master_tac, it proves the card itself made the debit;
@@ -19,20 +19,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from daemon.journal.entry import (
+from protocol.contract import canonical_text
+from protocol.entry import (
     COMPLETED,
     GENESIS,
     KIND_DEBIT,
     KIND_RECOVERY,
     RECOVERED,
     chain_hash,
+    signed_by,
 )
-from daemon.purse.crypto import Purchase, card_tac_key
-from daemon.sync.contract import canonical_text
+from protocol.tgp1.crypto import Purchase, card_tac_key
 
 MAX_UUID = 64
 CARD_KEY_CACHE = 100_000  # derived K_card_tac kept, so a card's next debit costs one CMAC
@@ -207,13 +207,8 @@ class Verifier:
             sig, digest = _hex(fields, "sig", 64), _hex(fields, "hash", 32)
         except _Bad:
             return SIG_BAD
-        for key in keys:  # several during a rotation
-            try:
-                key.verify(sig, digest)
-                return SIG_OK
-            except InvalidSignature:
-                continue
-        return SIG_BAD
+        # several keys during a rotation
+        return SIG_OK if any(signed_by(key, sig, digest) for key in keys) else SIG_BAD
 
     def _tac(self, fields: Mapping[str, Any]) -> tuple[str, str]:
         if (fields.get("kind"), fields.get("state")) not in (

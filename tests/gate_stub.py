@@ -29,11 +29,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from daemon import devicekey
-from daemon.journal import Draft, Journal
-from daemon.journal.entry import COMPLETED, KIND_DEBIT, chain_hash
-from daemon.sync import contract
+from daemon.journal import Journal
 from hal.card.model import Fault, FaultKind
+from protocol import contract, devicekey
+from protocol.entry import COMPLETED, KIND_DEBIT, Draft, chain_hash
 from tests.helpers import INS_DEBIT, STAFF, Rig, gate_config, serial_of
 
 Entries = list[dict[str, Any]]

@@ -21,9 +21,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from daemon.config import CARD_TYPES, Config, GateConfig, validate
-from daemon.errors import JournalFull
-from daemon.journal import Draft, Entry, Journal
-from daemon.journal.entry import (
+from daemon.journal import Journal
+from daemon.outcome import TapResult
+from daemon.tap import TapProcessor
+from hal.card.model import DebitRecord, VirtualPurse
+from hal.gate.sim import SimGateIO
+from hal.reader.base import CardLink
+from hal.reader.sim import SimReader
+from hal.sam.software import SoftwareSam
+from protocol.entry import (
     COMPLETED,
     INTENT,
     KIND_DEBIT,
@@ -35,16 +41,12 @@ from daemon.journal.entry import (
     REFUSED,
     TORN,
     UNCERTAIN,
+    Draft,
+    Entry,
 )
-from daemon.outcome import TapResult
-from daemon.purse import apdu
-from daemon.purse.crypto import Purchase
-from daemon.tap import TapProcessor
-from hal.card.model import DebitRecord, VirtualPurse
-from hal.gate.sim import SimGateIO
-from hal.reader.base import CardLink
-from hal.reader.sim import SimReader
-from hal.sam.software import SoftwareSam
+from protocol.errors import JournalFull
+from protocol.tgp1 import apdu
+from protocol.tgp1.crypto import Purchase
 
 # PURSE.md's test keys: for tests and demos only.
 MASTER_KEY = bytes.fromhex("000102030405060708090A0B0C0D0E0F")

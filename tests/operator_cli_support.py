@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon.journal import Journal
-from daemon.journal.entry import ENTRY_FIELDS, GENESIS, chain_hash
 from daemon.status import StatusBoard
 from hal.reader.base import ReaderState
+from protocol.entry import ENTRY_FIELDS, GENESIS, chain_hash
 from tests.helpers import TERMINAL_ID, raw_config, toml_text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.errors import CardFault, CardStatus, TapgateError
-from daemon.purse import apdu, tlv
+from protocol.errors import CardFault, CardStatus, TapgateError
+from protocol.tgp1 import apdu, tlv
 from tests.helpers import TERMINAL_ID
 
 SERIAL = bytes.fromhex("8801000000001234")

@@ -27,9 +27,9 @@ import jsonschema
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon.journal.entry import ENTRY_FIELDS
-from daemon.sync import contract
 from headend import command, keys
+from protocol import contract
+from protocol.entry import ENTRY_FIELDS
 from tests.asyncapi_support import Schemas, channel_of, channel_regex, deref, pointer
 from tests.gate_stub import SignedGate
 

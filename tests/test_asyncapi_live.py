@@ -32,13 +32,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from daemon import devicekey
-from daemon.sync import contract
 from headend import command, keys
 from headend.consumer import Consumer
 from headend.mqtt import Broker
 from headend.store import Store
 from headend.verify import Verifier
+from protocol import contract, devicekey
 from tests.asyncapi_support import ROOT, Schemas, channel_of, message_names
 from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import SignedGate

@@ -21,7 +21,7 @@ from typing import Any
 from beacontools import parse_packet  # type: ignore[import-untyped]
 from dbus_fast import Variant
 
-from daemon.beacon import frames
+from protocol.beacon import frames
 from tests.fixtures.bluez import BluezMock, until
 from tests.helpers import raw_config, toml_text
 from tests.uplink_support import Daemon

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from daemon.config import Config, validate
-from daemon.errors import ConfigError
+from protocol.errors import ConfigError
 from tests.helpers import TERMINAL_ID, raw_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,12 +17,12 @@ import pytest
 
 from daemon.beacon.config import BeaconConfig
 from daemon.beacon.controller import BeaconController, info
-from daemon.beacon.eid import EidSchedule
-from daemon.beacon.frames import EidFrame, TlmFrame, parse_advertisement
 from daemon.config import validate
-from daemon.errors import HardwareUnavailable
 from hal.ble.base import BeaconEvent
 from hal.ble.sim import SimAdvertiser
+from protocol.beacon.eid import EidSchedule
+from protocol.beacon.frames import EidFrame, TlmFrame, parse_advertisement
+from protocol.errors import HardwareUnavailable
 from tests.helpers import raw_config
 
 KEY = "000102030405060708090a0b0c0d0e0f"

@@ -3,7 +3,7 @@ bumble (google/bumble): two virtual Bluetooth LE devices on one ``bumble.link.Lo
 
 Real here: bumble's controller and host stacks on both sides (HCI commands and events
 encoded and decoded as bytes; the gate's host sets up a non-connectable, legacy-PDU
-advertising set with the exact advertising data daemon.beacon.frames built, the phone's
+advertising set with the exact advertising data protocol.beacon.frames built, the phone's
 host scans passively); the LE advertising PDUs carrying those bytes from one controller
 to the other over the LocalLink; the head-end's beacon directory (headend.beacons, on
 SQLite) resolving what the phone heard, EID identity keys and all.
@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from daemon.beacon import frames
-from daemon.beacon.eid import EidSchedule
 from headend.beacons import STORED, BeaconDirectory, NotAnIdentity, Resolution
+from protocol.beacon import frames
+from protocol.beacon.eid import EidSchedule
 
 pytest.importorskip("bumble", reason="the beacon end-to-end test needs bumble")
 
@@ -153,7 +153,7 @@ class Phone:
 
 
 class Gate:
-    """A gate's beacon: a bumble device advertising what daemon.beacon.frames built."""
+    """A gate's beacon: a bumble device advertising what protocol.beacon.frames built."""
 
     def __init__(self, link: LocalLink, gate: str) -> None:
         self.address = GATES[gate][1]

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.beacon.eid import EidSchedule, compute_eid, resolve, rotation_period_s, temporary_key
-from daemon.beacon.frames import FrameError
+from protocol.beacon.eid import EidSchedule, compute_eid, resolve, rotation_period_s, temporary_key
+from protocol.beacon.frames import FrameError
 
 # (identity key, K, counter, temporary key or None, EID), all hex
 VECTORS = [
@@ -32,7 +32,7 @@ VECTORS = [
 
 
 def reference_eid(key: bytes, k: int, counter: int) -> tuple[bytes, bytes]:
-    """eid-computation.md written out again, sharing no code with daemon.beacon.eid: the
+    """eid-computation.md written out again, sharing no code with protocol.beacon.eid: the
     16-byte blocks packed field by field, one AES-128 cipher object per encryption."""
     def aes(aes_key: bytes, block: bytes) -> bytes:
         assert len(block) == 16

@@ -14,8 +14,8 @@ from bluetooth_data_tools import parse_advertisement_data_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.beacon import frames
-from daemon.beacon.frames import (
+from protocol.beacon import frames
+from protocol.beacon.frames import (
     EDDYSTONE_SERVICE_UUID,
     Advertisement,
     EidFrame,

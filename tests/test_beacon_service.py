@@ -21,9 +21,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon import service
 from daemon.config import validate
-from daemon.sync import contract
 from hal.ble.sim import SimAdvertiser
 from hal.gate.sim import SimGateIO
+from protocol import contract
 from tests.fixtures.mosquitto import Mosquitto
 from tests.helpers import raw_config, toml_text
 from tests.test_commands import Console, Operator, new_gate_id

@@ -17,11 +17,11 @@ import pytest
 from dbus_fast import DBusError, Message, MessageType, Variant, unpack_variants
 from dbus_fast.errors import AuthError
 
-from daemon.beacon import frames
-from daemon.errors import HardwareUnavailable
 from hal.ble.base import AdapterInfo, AdvertisingRequest, BeaconError
 from hal.ble.bluez import BluezAdvertiser, advertisement_path
 from hal.ble.bluez_errors import translate
+from protocol.beacon import frames
+from protocol.errors import HardwareUnavailable
 from tests.fixtures.bluez import BluezMock, Recorder, until
 
 EDDYSTONE = frames.EDDYSTONE_SERVICE_UUID

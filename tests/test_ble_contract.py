@@ -16,12 +16,12 @@ from uuid import UUID
 
 import pytest
 
-from daemon.beacon import frames
-from daemon.errors import HardwareUnavailable
 from hal.ble.base import Advertiser, AdvertisingRequest
 from hal.ble.bluez import BluezAdvertiser
 from hal.ble.sim import SimAdvertiser
 from hal.registry import backend_class
+from protocol.beacon import frames
+from protocol.errors import HardwareUnavailable
 from tests.fixtures.bluez import BluezMock, Recorder, until
 
 IBEACON = frames.ibeacon(UUID("2f234454-cf6d-4a0f-adf2-f4911ba9ffa6"), 7, 42, -59)

@@ -14,8 +14,6 @@ import pytest
 from bleak.backends.scanner import AdvertisementData
 from dbus_fast import Variant
 
-from daemon.beacon import frames
-from daemon.errors import HardwareUnavailable
 from hal.ble.scan import (
     carries,
     estimate_distance,
@@ -23,6 +21,8 @@ from hal.ble.scan import (
     scan_phones,
     self_check,
 )
+from protocol.beacon import frames
+from protocol.errors import HardwareUnavailable
 from tests.fixtures.bluez import BluezMock, until
 
 APP_UUID = "6e400001-b5a3-f393-e0a9-e50e24dcca9e"

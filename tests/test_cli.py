@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from daemon.journal.entry import ENTRY_FIELDS, GENESIS, chain_hash
 from daemon.outcome import Outcome
 from hal.card.model import Fault, FaultKind
+from protocol.entry import ENTRY_FIELDS, GENESIS, chain_hash
 from tests.helpers import INS_DEBIT, MASTER_KEY, Rig, raw_config, toml_text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,15 +28,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.config import CARD_TYPES, OperatorsConfig, validate
-from daemon.errors import ConfigError
 from daemon.journal import Journal
 from daemon.outcome import Outcome
-from daemon.sync import contract
-from daemon.sync.commands import Commands, Incoming
+from daemon.sync.commands import Commands
 from daemon.sync.handlers import GateControl, effective_config
 from daemon.sync.uplink import Uplink
 from headend import command, keys
 from headend.mqtt import Broker
+from protocol import contract
+from protocol.command import Incoming
+from protocol.errors import ConfigError
 from tests.fixtures.mosquitto import Mosquitto
 from tests.helpers import Rig, gate_config, raw_config, serial_of, toml_text
 from tests.uplink_support import Daemon, mqtt_config, wait_until

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from daemon.config import DEMO_TAC_KEY, load, merge, validate
-from daemon.errors import ConfigError
 from hal.sam.software import read_key_file
+from protocol.errors import ConfigError
 from tests.helpers import ADULT, CONCESSION, MASTER_KEY, STAFF, raw_config, toml_text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.journal import Entry, Journal
+from daemon.journal import Journal
 from daemon.loop import CardLoop
 from daemon.outcome import Outcome, TapResult
 from daemon.tap import TapProcessor
@@ -33,6 +33,7 @@ from hal.gate.base import Signal
 from hal.gate.sim import SimGateIO
 from hal.reader.base import CardLink, ReaderState
 from hal.sam.software import SoftwareSam
+from protocol.entry import Entry
 from tests.fixtures.pcsc import VPCD_PORT, VPCD_READER, Pcscd
 from tests.helpers import (
     ADULT,

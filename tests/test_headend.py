@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon.journal.entry import ENTRY_FIELDS, chain_hash
-from daemon.sync import contract
 from headend.verify import Verifier
+from protocol import contract
+from protocol.entry import ENTRY_FIELDS, chain_hash
 from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import GateStub, SignedGate, batches, reseal
 from tests.headend_support import Headend, headend, rows, uuids_of, verified_rows

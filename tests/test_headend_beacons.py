@@ -19,9 +19,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from daemon.beacon import frames
-from daemon.beacon.eid import EidSchedule
-from daemon.sync import contract
 from headend.beacons import (
     CLEARED,
     REFUSED,
@@ -36,6 +33,9 @@ from headend.consumer import Consumer
 from headend.mqtt import Broker
 from headend.store import Store
 from headend.verify import Verifier
+from protocol import contract
+from protocol.beacon import frames
+from protocol.beacon.eid import EidSchedule
 from tests.fixtures.mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,8 +21,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from daemon.sync import contract
 from headend import keys
+from protocol import contract
 from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import GateStub, SignedGate, batches
 from tests.headend_support import READY, ROOT, Headend, env, headend, uuids_of

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import JournalError, JournalFull
-from daemon.journal import Draft, Journal, schema
-from daemon.journal.entry import (
+from daemon.journal import Journal, schema
+from protocol.entry import (
     COMPLETED,
     ENTRY_FIELDS,
     GENESIS,
@@ -25,10 +24,12 @@ from daemon.journal.entry import (
     RECOVERED,
     REFUSED,
     TORN,
+    Draft,
     Entry,
     canonical_json,
     chain_hash,
 )
+from protocol.errors import JournalError, JournalFull
 from tests.helpers import TERMINAL_ID, Clock, fill_journal, serial_of, unfill_journal
 
 SERIAL = serial_of(7)

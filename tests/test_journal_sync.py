@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from daemon.journal import Draft, Entry, Journal, schema
-from daemon.journal.entry import (
+from daemon.journal import Journal, schema
+from daemon.metrics import journal_gauges
+from protocol import contract
+from protocol.entry import (
     COMPLETED,
     ENTRY_FIELDS,
     INTENT,
@@ -26,10 +28,10 @@ from daemon.journal.entry import (
     SYNC_SYNCED,
     TORN,
     UNCERTAIN,
+    Draft,
+    Entry,
     chain_hash,
 )
-from daemon.metrics import journal_gauges
-from daemon.sync import contract
 from tests.gate_stub import SignedGate
 from tests.helpers import TERMINAL_ID, Clock, serial_of
 

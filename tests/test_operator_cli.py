@@ -25,12 +25,12 @@ from typing import Any
 import pytest
 
 from daemon.config import validate
-from daemon.journal import Draft, Journal
-from daemon.journal.entry import KIND_REFUSAL, REFUSED
+from daemon.journal import Journal
 from daemon.outcome import Outcome, TapResult
 from daemon.status import StatusBoard, liveness, read_status, run_status_writer
 from hal.card.model import Fault, FaultKind
 from hal.reader.base import ReaderState
+from protocol.entry import KIND_REFUSAL, REFUSED, Draft
 from tests.helpers import INS_DEBIT, MASTER_KEY, TERMINAL_ID, Rig, raw_config
 from tests.operator_cli_support import (
     ROOT,

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from daemon import devicekey
 from daemon.cli_journal import Progress, json_line
-from daemon.journal import Draft, Journal, schema
-from daemon.journal.entry import ENTRY_FIELDS, GENESIS, KIND_REFUSAL, REFUSED, chain_hash
+from daemon.journal import Journal, schema
+from protocol import devicekey
+from protocol.entry import ENTRY_FIELDS, GENESIS, KIND_REFUSAL, REFUSED, Draft, chain_hash
 from tests.helpers import TERMINAL_ID
 from tests.operator_cli_support import (
     ROOT,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.journal import Draft, Journal
-from daemon.journal.entry import KIND_REFUSAL, REFUSED
+from daemon.journal import Journal
+from protocol.entry import KIND_REFUSAL, REFUSED, Draft
 from tests.helpers import TERMINAL_ID
 from tests.operator_cli_support import build_journal, config_for, digest, running_board, tapgate
 

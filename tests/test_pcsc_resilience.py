@@ -13,14 +13,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 
 from daemon.config import validate
-from daemon.purse import apdu
 from hal.card.vpcd import VpcdCard
 from hal.reader.base import CardLink, ReaderState
+from protocol.tgp1 import apdu
 from tests.fixtures.pcsc import PURCHASE_KEY, Pcscd, make_purse
 
 pytest.importorskip("smartcard", reason="pyscard is not installed")
-from daemon.errors import CardGone, HardwareUnavailable
 from hal.reader.pcsc import PcscReader
+from protocol.errors import CardGone, HardwareUnavailable
 
 pytestmark = pytest.mark.pcsc
 

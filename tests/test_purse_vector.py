@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from daemon.journal.entry import COMPLETED, KIND_DEBIT
 from daemon.outcome import Outcome
-from daemon.purse import apdu
-from daemon.purse.crypto import Purchase, card_key, card_tac_key, cmac
 from hal.sam.software import SoftwareSam
+from protocol.entry import COMPLETED, KIND_DEBIT
+from protocol.tgp1 import apdu
+from protocol.tgp1.crypto import Purchase, card_key, card_tac_key, cmac
 from tests.helpers import (
     MASTER_KEY,
     MASTER_TAC_KEY,

@@ -10,13 +10,13 @@ from typing import Protocol
 import pytest
 
 from daemon.config import Config, validate
-from daemon.errors import CardGone
-from daemon.purse import apdu
-from daemon.purse.crypto import Purchase, card_key
 from hal.card.model import Fault, FaultKind, VirtualPurse
 from hal.card.vpcd import VpcdCard
 from hal.reader.base import CardLink, Reader, ReaderState
 from hal.reader.sim import SimReader
+from protocol.errors import CardGone
+from protocol.tgp1 import apdu
+from protocol.tgp1.crypto import Purchase, card_key
 from tests.fixtures.pcsc import PURCHASE_KEY, VPCD_READER, make_purse
 
 WAIT_S = 15.0  # for things that must happen: generous, the machine is shared

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon import devicekey
-from daemon.errors import ConfigError
-from daemon.journal import Draft, Journal, schema
-from daemon.journal.entry import GENESIS, INTENT, KIND_DEBIT, Entry, chain_hash
+from daemon.journal import Journal, schema
+from protocol import devicekey
+from protocol.entry import GENESIS, INTENT, KIND_DEBIT, Draft, Entry, chain_hash
+from protocol.errors import ConfigError
 from tests.helpers import TERMINAL_ID, serial_of
 
 

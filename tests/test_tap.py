@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.journal.entry import (
+from daemon.outcome import Outcome
+from daemon.tap import TapProcessor
+from hal.card.model import Fault, FaultKind, VirtualPurse
+from hal.gate.base import Signal
+from protocol.entry import (
     COMPLETED,
     INTENT,
     KIND_DEBIT,
@@ -16,10 +20,6 @@ from daemon.journal.entry import (
     KIND_REFUSAL,
     REFUSED,
 )
-from daemon.outcome import Outcome
-from daemon.tap import TapProcessor
-from hal.card.model import Fault, FaultKind, VirtualPurse
-from hal.gate.base import Signal
 from tests.helpers import (
     ADULT,
     CONCESSION,

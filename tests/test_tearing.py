@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.journal.entry import (
+from daemon.outcome import Outcome
+from hal.card.model import Fault, FaultKind, VirtualPurse
+from protocol.entry import (
     INTENT,
     KIND_DEBIT,
     KIND_RECOVERY,
@@ -19,8 +21,6 @@ from daemon.journal.entry import (
     UNCERTAIN,
     UNPROVEN,
 )
-from daemon.outcome import Outcome
-from hal.card.model import Fault, FaultKind, VirtualPurse
 from tests.helpers import (
     INS_DEBIT,
     INS_INITIALIZE,

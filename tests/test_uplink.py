@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from daemon.journal import Journal
-from daemon.sync import contract
 from daemon.sync.uplink import Uplink
+from protocol import contract
 from tests.fixtures.mosquitto import Mosquitto
 from tests.helpers import raw_config, toml_text
 from tests.uplink_support import (

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from daemon.config import validate
-from daemon.errors import ConfigError, SyncError
 from daemon.journal import Journal
 from daemon.sync.uplink import Uplink
+from protocol.errors import ConfigError, SyncError
 from tests.fixtures.mosquitto import Mosquitto
 from tests.helpers import raw_config
 from tests.uplink_support import (

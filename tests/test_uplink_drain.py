@@ -15,9 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.journal import Journal
 from daemon.metrics import journal_gauges
-from daemon.sync import contract
 from daemon.sync.retention import prune_once
 from daemon.sync.uplink import Uplink
+from protocol import contract
 from tests.fixtures.mosquitto import Mosquitto
 from tests.uplink_support import (
     TIMEOUT_S,

@@ -3,7 +3,7 @@ the uplink run in a thread, the real daemon as a subprocess (:class:`Daemon`), a
 fixtures for a stand-in and a gate's journal.
 
 The stand-in head-end is written for these tests (a paho subscriber that stores entries
-by uuid, first arrival wins, and acks per daemon.sync.contract after storing); the real
+by uuid, first arrival wins, and acks per protocol.contract after storing); the real
 one is headend/ and has tests of its own. Each test uses a gate id of its own
 (:func:`new_gate_id`).
 
@@ -32,10 +32,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.config import MqttConfig
-from daemon.journal import Draft, Journal
-from daemon.journal.entry import KIND_REFUSAL, REFUSED, chain_hash
-from daemon.sync import contract
+from daemon.journal import Journal
 from daemon.sync.uplink import Uplink
+from protocol import contract
+from protocol.entry import KIND_REFUSAL, REFUSED, Draft, chain_hash
 from tests.fixtures.mosquitto import Mosquitto
 
 TIMEOUT_S = 60.0  # only a broken uplink gets near it; nothing here is timed

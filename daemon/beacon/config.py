@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.configsection import Section
-from daemon.errors import ConfigError
+from protocol.errors import ConfigError
 
 FRAME_KINDS = ("ibeacon", "eddystone-uid", "eddystone-url", "eddystone-tlm", "eddystone-eid")
 MODES = ("triggered", "continuous")
@@ -100,7 +100,7 @@ def _read_key_file(key: str, path: Path) -> bytes:
 
 
 def _fits_eddystone(url: str) -> bool:
-    from daemon.beacon.frames import FrameError, encode_url
+    from protocol.beacon.frames import FrameError, encode_url
 
     try:
         encode_url(url)
@@ -153,7 +153,7 @@ def parse(b: Section, *, terminal_id: bytes, page_url: str) -> BeaconConfig:
 
     url = b.optional_string("url")
     if url:
-        from daemon.beacon.frames import FrameError, encode_url
+        from protocol.beacon.frames import FrameError, encode_url
 
         try:
             encode_url(url)

@@ -26,10 +26,10 @@ from typing import Any
 
 from daemon.beacon import frameset
 from daemon.beacon.config import BeaconConfig
-from daemon.beacon.frames import Advertisement
 from daemon.beacon.frameset import Health
-from daemon.errors import HardwareUnavailable
 from hal.ble.base import AdapterInfo, Advertiser, AdvertisingRequest, BeaconEvent
+from protocol.beacon.frames import Advertisement
+from protocol.errors import HardwareUnavailable
 
 log = logging.getLogger("tapgate.beacon")
 

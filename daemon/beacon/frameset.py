@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from daemon.beacon import frames
 from daemon.beacon.config import BeaconConfig
-from daemon.beacon.eid import EidSchedule
-from daemon.beacon.frames import Advertisement
+from protocol.beacon import frames
+from protocol.beacon.eid import EidSchedule
+from protocol.beacon.frames import Advertisement
 
 T = TypeVar("T")
 THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")  # the Pi's SoC sensor

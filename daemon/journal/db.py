@@ -18,8 +18,8 @@ from typing import Any
 
 import peewee
 
-from daemon.errors import JournalError, JournalFull
-from daemon.journal.entry import ENTRY_FIELDS, Entry
+from protocol.entry import ENTRY_FIELDS, Entry
+from protocol.errors import JournalError, JournalFull
 
 
 def _is_full(err: BaseException) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 import peewee
 
 from daemon.journal.db import _COLUMNS, _SET_META, _Db, _wrap
-from daemon.journal.entry import (
+from protocol.entry import (
     COMPLETED,
     ENTRY_FIELDS,
     INTENT,
@@ -26,6 +26,8 @@ from daemon.journal.entry import (
     KIND_RECOVERY,
     TORN,
     Entry,
+    wire_fields,
+    wire_value,
 )
 
 log = logging.getLogger("tapgate.journal")
@@ -178,7 +180,7 @@ class _Outbox(_Db):
                                    ).fetchone()
                 seq = max(int(max_seq or 0), int(stored[0]) if stored else 0, self._max_seq)
                 deleted = int(self._sql("DELETE FROM entry WHERE id <= ?", (upto,)).rowcount)
-                self._sql(_SET_META, ("chain_anchor", bytes(last_hash).hex().upper()))
+                self._sql(_SET_META, ("chain_anchor", wire_value(bytes(last_hash))))
                 self._sql(_SET_META, ("max_terminal_seq", str(seq)))
         except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
             raise _wrap(err, "cannot prune the journal") from err
@@ -240,8 +242,7 @@ class Outgoing:
 
 
 def _row_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    return {name: (v.hex().upper() if isinstance(v, bytes) else v)
-            for name, v in zip(ENTRY_FIELDS, row, strict=True)}
+    return wire_fields(zip(ENTRY_FIELDS, row, strict=True))
 
 
 def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:

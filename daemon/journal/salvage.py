@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import JournalError
-from daemon.journal.entry import ENTRY_FIELDS, chain_hash
 from daemon.journal.store import SQLITE_MAGIC
+from protocol.entry import ENTRY_FIELDS, chain_hash, wire_fields
+from protocol.errors import JournalError
 
 CHUNK = 256  # ids per read; a failing read is halved down to single ids
 # Where the last id cannot be read, ids are probed this far past the last entry found.
@@ -293,8 +293,7 @@ def _intact(doc: dict[str, Any]) -> bool:
             and isinstance(digest, bytes) and len(digest) == 32
             and isinstance(prev, bytes) and len(prev) == 32):
         return False
-    body = {name: (v.hex().upper() if isinstance(v := doc.get(name), bytes) else v)
-            for name in ENTRY_FIELDS}
+    body = wire_fields((name, doc.get(name)) for name in ENTRY_FIELDS)
     try:
         return chain_hash(body) == digest
     except (TypeError, ValueError):

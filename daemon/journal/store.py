@@ -27,12 +27,12 @@ from typing import Any
 import peewee
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon.errors import JournalError
 from daemon.journal import schema
 from daemon.journal.audit import VerifyReport, _Audit
 from daemon.journal.control import Control, _RemoteState
 from daemon.journal.db import _COLUMNS, _wrap
-from daemon.journal.entry import (
+from daemon.journal.outbox import Outgoing, _Outbox
+from protocol.entry import (
     COMPLETED,
     DRAFT_FIELDS,
     ENTRY_FIELDS,
@@ -47,8 +47,10 @@ from daemon.journal.entry import (
     Draft,
     Entry,
     chain_hash,
+    sign,
+    wire_fields,
 )
-from daemon.journal.outbox import Outgoing, _Outbox
+from protocol.errors import JournalError
 
 # VerifyReport, Control and Outgoing live with their part of the journal; callers import
 # them from here, as they did before it was split.
@@ -262,9 +264,8 @@ class Journal(_Outbox, _RemoteState, _Audit):
                 prev_hash=tail_hash,
             )
             # the hash is over the entry's JSON form (Entry.to_json, less hash and sig)
-            digest = chain_hash({name: (v.hex().upper() if isinstance(v, bytes) else v)
-                                 for name, v in values.items()})
-            sig = self._signer.sign(digest) if self._signer is not None else None
+            digest = chain_hash(wire_fields(values))
+            sig = sign(self._signer, digest) if self._signer is not None else None
             entry = Entry(**values, hash=digest, sig=sig)
             entries.append(entry)
             tail_id, tail_hash = entry.id, entry.hash

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from daemon.errors import JournalError
 from daemon.journal import Journal
-from daemon.sync import contract
-from daemon.sync.handlers import GateControl, Refused, bad_args, config_changes
-
-if TYPE_CHECKING:
-    from daemon.sync.commands import Incoming, Verifier
+from daemon.sync.handlers import GateControl, config_changes
+from protocol import contract
+from protocol.command import Incoming, Refused, Verifier, bad_args
+from protocol.errors import JournalError
 
 log = logging.getLogger("tapgate.commands")
 

@@ -29,30 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import GateConfig, gate_with
-from daemon.errors import ConfigError
 from daemon.journal import Journal
 from daemon.journal.store import Control
 from daemon.tap import TapProcessor
+from protocol.command import Refused, bad_args
+from protocol.errors import ConfigError
 
 log = logging.getLogger("tapgate.commands")
 
 SERIAL_RE = re.compile(r"[0-9A-Fa-f]{16}")  # a TGP1 card serial: 8 bytes
-
-
-class Refused(Exception):
-    """A command this gate will not apply; ``reason`` is what the operator is told,
-    ``result`` the details (the current deny-list version, the last seq applied ...)."""
-
-    def __init__(self, reason: str, seq: int | None = None,
-                 result: Mapping[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.seq = seq
-        self.result: dict[str, Any] = dict(result or {})
-
-
-def bad_args(why: str) -> Refused:
-    return Refused(f"bad args: {why}")
 
 
 Result = dict[str, Any]

@@ -51,12 +51,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from daemon.config import MqttConfig
-from daemon.errors import SyncError
 from daemon.journal import Journal
 from daemon.journal.store import Outgoing
-from daemon.sync import contract
 from daemon.sync.backoff import Backoff
-from daemon.sync.commands import Incoming
+from protocol import contract
+from protocol.command import Incoming
+from protocol.errors import SyncError
 
 log = logging.getLogger("tapgate.sync")
 

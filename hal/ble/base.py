@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from daemon.errors import HardwareUnavailable
+from protocol.errors import HardwareUnavailable
 
 if TYPE_CHECKING:
-    from daemon.beacon.frames import Advertisement
+    from protocol.beacon.frames import Advertisement
 
 KIND = "ble"
 log = logging.getLogger("tapgate.beacon")

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from daemon.errors import HardwareUnavailable, TapgateError
 from hal.ble import bluez_errors as errors
 from hal.ble.base import AdapterInfo, AdvertisingRequest, BeaconEvent, Listener, Listeners
 from hal.ble.bluez_adv import (
@@ -40,6 +39,7 @@ from hal.ble.bluez_adv import (
     bluez_call,
 )
 from hal.ble.sim import describe
+from protocol.errors import HardwareUnavailable, TapgateError
 
 if TYPE_CHECKING:
     from daemon.config import Config

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from dbus_fast import DBusError, Message, MessageType
 from dbus_fast.errors import AuthError, DBusFastError
 
-from daemon.errors import HardwareUnavailable, TapgateError
 from hal.ble.base import KIND, BeaconError
+from protocol.errors import HardwareUnavailable, TapgateError
 
 DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"
 CHECK_BLUETOOTHD = "is bluetoothd running? systemctl status bluetooth"

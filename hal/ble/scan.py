@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 
 from dbus_fast.errors import DBusFastError
 
-from daemon.errors import HardwareUnavailable
 from hal.ble.base import log
 from hal.ble.bluez_errors import translate
+from protocol.errors import HardwareUnavailable
 
 if TYPE_CHECKING:
     from bleak.backends.device import BLEDevice
     from bleak.backends.scanner import AdvertisementData
 
-    from daemon.beacon.frames import Advertisement
+    from protocol.beacon.frames import Advertisement
 
 NO_RSSI = -127  # what bleak reports when BlueZ gave no RSSI
 

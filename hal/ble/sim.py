@@ -13,7 +13,6 @@ import collections
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from daemon.errors import HardwareUnavailable
 from hal.ble.base import (
     KIND,
     AdapterInfo,
@@ -23,6 +22,7 @@ from hal.ble.base import (
     Listeners,
     log,
 )
+from protocol.errors import HardwareUnavailable
 
 if TYPE_CHECKING:
     from daemon.config import Config

@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from daemon.purse.apdu import AID, LOG_RECORDS
-from daemon.purse.crypto import TX_TYPE_PURCHASE, Purchase, card_key, card_tac_key
+from protocol.tgp1.apdu import AID, LOG_RECORDS
+from protocol.tgp1.crypto import TX_TYPE_PURCHASE, Purchase, card_key, card_tac_key
 
 SW_OK = b"\x90\x00"
 

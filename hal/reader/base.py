@@ -27,7 +27,7 @@ class CardLink(Protocol):
     def transmit(self, apdu: bytes) -> bytes:
         """Send one C-APDU and return the R-APDU (data and status word).
 
-        Raises :class:`daemon.errors.CardGone` when the card left the field or the
+        Raises :class:`protocol.errors.CardGone` when the card left the field or the
         reader lost it mid-exchange.
         """
         ...

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from smartcard import scard
 
 from daemon.config import Config
-from daemon.errors import CardGone, HardwareUnavailable
 from hal.reader.base import CardLink, ReaderState
+from protocol.errors import CardGone, HardwareUnavailable
 
 log = logging.getLogger("tapgate.reader")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import threading
 
 from daemon.config import Config
-from daemon.errors import CardGone, HardwareUnavailable
 from hal.card.model import CardTorn, VirtualPurse
 from hal.reader.base import CardLink, ReaderState
+from protocol.errors import CardGone, HardwareUnavailable
 
 
 class SimCardLink:

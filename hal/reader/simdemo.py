@@ -12,10 +12,10 @@ import random
 import threading
 
 from daemon.config import Config
-from daemon.purse.apdu import LOG_RECORDS
 from hal.card.model import Fault, FaultKind, VirtualPurse
 from hal.reader.sim import SimReader
 from hal.sam.software import read_key_file
+from protocol.tgp1.apdu import LOG_RECORDS
 
 log = logging.getLogger("tapgate.sim")
 

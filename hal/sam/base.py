@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from daemon.purse.crypto import Purchase
+from protocol.tgp1.crypto import Purchase
 
 
 class Sam(Protocol):

@@ -12,8 +12,8 @@ import stat
 from pathlib import Path
 
 from daemon.config import Config
-from daemon.errors import ConfigError
-from daemon.purse.crypto import Purchase, card_key
+from protocol.errors import ConfigError
+from protocol.tgp1.crypto import Purchase, card_key
 
 
 def read_key_file(path: Path) -> bytes:

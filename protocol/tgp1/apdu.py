@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from daemon.errors import CardFault, CardStatus
-from daemon.purse import tlv
-from daemon.purse.crypto import TX_TYPE_PURCHASE
+from protocol.errors import CardFault, CardStatus
+from protocol.tgp1 import tlv
+from protocol.tgp1.crypto import TX_TYPE_PURCHASE
 
 AID = bytes.fromhex("F054415047415445")
 KEY_INDEX = 0x01

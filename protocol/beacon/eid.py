@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from daemon.beacon.frames import FrameError
+from protocol.beacon.frames import FrameError
 
 MAX_EXPONENT = 15
 COUNTER_MODULUS = 2**32

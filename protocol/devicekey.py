@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from daemon.errors import ConfigError
+from protocol.errors import ConfigError
 
 
 def generate(path: Path, *, force: bool = False) -> Ed25519PrivateKey:

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from json.encoder import encode_basestring_ascii as _json_str  # json.dumps's own
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 KIND_DEBIT = "debit"
 KIND_RECOVERY = "recovery"
@@ -103,8 +107,8 @@ class Entry:
         """Binary as uppercase hex, amounts as integers, absent values as null."""
         # not dataclasses.asdict: it deep-copies every field, and the uplink calls this
         # for every entry it sends
-        return {name: (v.hex().upper() if isinstance(v := getattr(self, name), bytes) else v)
-                for name in ENTRY_FIELDS}
+        return wire_fields(zip(ENTRY_FIELDS, (getattr(self, n) for n in ENTRY_FIELDS),
+                               strict=True))
 
 
 ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
@@ -117,6 +121,18 @@ _HASHED_SET = frozenset(_HASHED)
 # what json.dumps writes before each value: "{" or ",", the key, ":"
 _KEY_PREFIXES = tuple(("{" if i == 0 else ",") + _json_str(name) + ":"
                       for i, name in enumerate(_HASHED))
+
+
+def wire_value(value: Any) -> Any:
+    """A field's value in the entry's JSON form: bytes as uppercase hex, the rest as is."""
+    return value.hex().upper() if isinstance(value, bytes) else value
+
+
+def wire_fields(items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """An entry's fields (name, value) in their JSON form (:func:`wire_value` each)."""
+    pairs = items.items() if isinstance(items, Mapping) else items
+    return {name: value.hex().upper() if isinstance(value, bytes) else value
+            for name, value in pairs}
 
 
 def canonical_json(fields_json: dict[str, Any]) -> str:
@@ -154,3 +170,17 @@ def chain_hash(fields_json: dict[str, Any]) -> bytes:
     keys sorted, no spaces, binary as uppercase hex (``prev_hash`` included).
     """
     return hashlib.sha256(canonical_json(fields_json).encode("ascii")).digest()
+
+
+def sign(key: Ed25519PrivateKey, digest: bytes) -> bytes:
+    """An entry's ``sig``: the device key's Ed25519 signature over its chain hash."""
+    return key.sign(digest)
+
+
+def signed_by(key: Ed25519PublicKey, sig: bytes, digest: bytes) -> bool:
+    """Whether ``sig`` is ``key``'s signature over the chain hash ``digest``."""
+    try:
+        key.verify(sig, digest)
+    except InvalidSignature:
+        return False
+    return True
