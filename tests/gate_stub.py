@@ -5,7 +5,7 @@ PURSE.md's test keys, software SAM, a real SQLite journal) whose journal signs e
 entry with an Ed25519 device key: its taps, tears and recoveries make the entries a
 head-end receives, TACs computed by the cards themselves.
 
-:class:`GateStub` is the uplink as daemon/sync/contract.py has it, and no more: batches
+:class:`GateStub` is the uplink as protocol/contract.py has it, and no more: batches
 of exported entries on ``tapgate/v1/<gate>/tx``, QoS 1, Response Topic = the gate's ack
 topic, Correlation Data = the batch id; acks collected from the ack topic; unacked
 batches sent again until acknowledged.

@@ -4,7 +4,7 @@
   resolves, every operation names an existing channel and messages of that channel,
   channel parameters match their addresses, the schemas are valid JSON Schema (draft 7,
   what AsyncAPI schemas build on) and the examples match them.
-* Every topic daemon/sync/contract.py makes has exactly one channel, and every channel
+* Every topic protocol/contract.py makes has exactly one channel, and every channel
   is a topic the code makes.
 * The messages the code makes in process (signed journal entries, batches, acks,
   commands, replies, statuses, a desired state) validate against the documented
