@@ -39,8 +39,8 @@ from daemon.config import validate
 from hal.ble.base import AdvertisingRequest
 from hal.ble.bluez import BluezAdvertiser
 from protocol.beacon.eid import compute_eid
+from tests.configs import raw_config
 from tests.fixtures.bluez import BluezMock, check_prerequisites
-from tests.helpers import raw_config
 
 FRAMES = ["ibeacon", "eddystone-uid", "eddystone-url", "eddystone-tlm", "eddystone-eid"]
 KEY = bytes.fromhex("000102030405060708090a0b0c0d0e0f")

@@ -33,7 +33,9 @@ from daemon.journal import Journal
 from hal.card.model import Fault, FaultKind
 from protocol import contract, devicekey
 from protocol.entry import COMPLETED, KIND_DEBIT, Draft, chain_hash
-from tests.helpers import INS_DEBIT, STAFF, Rig, gate_config, serial_of
+from tests.cards import INS_DEBIT, STAFF, serial_of
+from tests.configs import gate_config
+from tests.rig import Rig
 
 Entries = list[dict[str, Any]]
 

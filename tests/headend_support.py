@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from tests.cards import MASTER_TAC_KEY
 from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import SignedGate
-from tests.helpers import MASTER_TAC_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADEND = [sys.executable, "-m", "headend.cli"]

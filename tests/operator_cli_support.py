@@ -18,7 +18,8 @@ from daemon.journal import Journal
 from daemon.status import StatusBoard
 from hal.reader.base import ReaderState
 from protocol.entry import ENTRY_FIELDS, GENESIS, chain_hash
-from tests.helpers import TERMINAL_ID, raw_config, toml_text
+from tests.cards import TERMINAL_ID
+from tests.configs import raw_config, toml_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TAPGATE = [sys.executable, "-m", "daemon.cli"]

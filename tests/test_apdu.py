@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from protocol.errors import CardFault, CardStatus, TapgateError
 from protocol.tgp1 import apdu, tlv
-from tests.helpers import TERMINAL_ID
+from tests.cards import TERMINAL_ID
 
 SERIAL = bytes.fromhex("8801000000001234")
 OK = b"\x90\x00"

@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -39,9 +38,11 @@ from headend.store import Store
 from headend.verify import Verifier
 from protocol import contract, devicekey
 from tests.asyncapi_support import ROOT, Schemas, channel_of, message_names
+from tests.cards import MASTER_TAC_KEY
+from tests.configs import raw_config, toml_text
+from tests.daemon_process import Daemon
 from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import SignedGate
-from tests.helpers import MASTER_TAC_KEY, raw_config, toml_text
 
 TIMEOUT_S = 60.0
 _gate_numbers = itertools.count(1)
@@ -104,31 +105,6 @@ class Sniffer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-class DaemonProcess:
-    """`python -m daemon.cli run` of this checkout, its log kept for failure messages."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-        env.pop("NOTIFY_SOCKET", None)
-        self.log = log
-        self._out = log.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
-                                      str(config)], cwd=ROOT, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=self._out)
-
-    def tail(self) -> str:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return f"daemon rc={self.proc.poll()}; its log ends:\n" + "\n".join(lines[-30:])
-
-    def end(self, sig: int) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(TIMEOUT_S)
-        finally:
-            self._out.close()
 
 
 @contextlib.contextmanager
@@ -251,7 +227,7 @@ def test_what_a_real_gate_and_head_end_publish_matches_the_document(
                                          contract.ack_topic(gate))
     try:
         with headend_consumer(tmp_path, mosquitto, gate, key.public_key()):
-            daemon = DaemonProcess(config, tmp_path / "daemon.log")
+            daemon = Daemon(config)
             try:
                 def acked() -> set[str]:
                     return {u for s in sniffer.seen if s.topic == ack_topic
@@ -267,19 +243,19 @@ def test_what_a_real_gate_and_head_end_publish_matches_the_document(
                              daemon.tail)
                 answers = operate(mosquitto, operator, gate, sniffer)
             finally:
-                rc = daemon.end(signal.SIGTERM)
+                rc = daemon.stop()
             assert rc == 0, daemon.tail()
             sniffer.wait("the offline status of a clean stop", lambda: any(
                 s.json()["state"] == contract.OFFLINE for s in sniffer.on(status_topic)))
 
             # again, killed: the broker publishes the Last Will
-            daemon = DaemonProcess(config, tmp_path / "daemon.log")
+            daemon = Daemon(config)
             onlines = len(sniffer.on(status_topic))
             try:
                 sniffer.wait("the second run's online status",
                              lambda: len(sniffer.on(status_topic)) > onlines, daemon.tail)
             finally:
-                daemon.end(signal.SIGKILL)
+                daemon.kill()
             sniffer.wait("the Last Will", lambda: any(
                 s.json()["telemetry"].get("reason") == "connection lost"
                 for s in sniffer.on(status_topic)))

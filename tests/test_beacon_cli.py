@@ -22,9 +22,9 @@ from beacontools import parse_packet  # type: ignore[import-untyped]
 from dbus_fast import Variant
 
 from protocol.beacon import frames
+from tests.configs import raw_config, toml_text
+from tests.daemon_process import Daemon
 from tests.fixtures.bluez import BluezMock, until
-from tests.helpers import raw_config, toml_text
-from tests.uplink_support import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 UUID = "e2c56db5-dffb-48d2-b060-d0f5a71096e0"

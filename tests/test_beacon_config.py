@@ -14,7 +14,8 @@ import pytest
 
 from daemon.config import Config, validate
 from protocol.errors import ConfigError
-from tests.helpers import TERMINAL_ID, raw_config
+from tests.cards import TERMINAL_ID
+from tests.configs import raw_config
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_UUID = "e2c56db5-dffb-48d2-b060-d0f5a71096e0"

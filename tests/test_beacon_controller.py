@@ -23,7 +23,7 @@ from hal.ble.sim import SimAdvertiser
 from protocol.beacon.eid import EidSchedule
 from protocol.beacon.frames import EidFrame, TlmFrame, parse_advertisement
 from protocol.errors import HardwareUnavailable
-from tests.helpers import raw_config
+from tests.configs import raw_config
 
 KEY = "000102030405060708090a0b0c0d0e0f"
 DEADLINE_S = 15.0

@@ -24,10 +24,11 @@ from daemon.config import validate
 from hal.ble.sim import SimAdvertiser
 from hal.gate.sim import SimGateIO
 from protocol import contract
+from tests.configs import raw_config, toml_text
+from tests.daemon_process import Daemon
 from tests.fixtures.mosquitto import Mosquitto
-from tests.helpers import raw_config, toml_text
 from tests.test_commands import Console, Operator, new_gate_id
-from tests.uplink_support import Daemon, wait_until
+from tests.waiting import wait_until
 
 TIMEOUT_S = 30.0
 UUID = "e2c56db5-dffb-48d2-b060-d0f5a71096e0"

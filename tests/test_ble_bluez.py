@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
@@ -23,6 +23,7 @@ from hal.ble.bluez_errors import translate
 from protocol.beacon import frames
 from protocol.errors import HardwareUnavailable
 from tests.fixtures.bluez import BluezMock, Recorder, until
+from tests.waiting import run
 
 EDDYSTONE = frames.EDDYSTONE_SERVICE_UUID
 IBEACON = frames.ibeacon(UUID("2f234454-cf6d-4a0f-adf2-f4911ba9ffa6"), 7, 42, -59)
@@ -33,10 +34,6 @@ IBEACON_PATH = advertisement_path("ibeacon")
 
 def eid(byte: int) -> frames.Advertisement:
     return frames.eddystone_eid(bytes([byte]) * 8, -20)
-
-
-def run(coro: Coroutine[Any, Any, None], timeout_s: float = 60.0) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout_s))
 
 
 @contextlib.asynccontextmanager

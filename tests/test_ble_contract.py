@@ -9,9 +9,8 @@ never calls Release, by the advertiser's own timer a margin after BlueZ's Timeou
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 from uuid import UUID
 
 import pytest
@@ -23,6 +22,7 @@ from hal.registry import backend_class
 from protocol.beacon import frames
 from protocol.errors import HardwareUnavailable
 from tests.fixtures.bluez import BluezMock, Recorder, until
+from tests.waiting import run
 
 IBEACON = frames.ibeacon(UUID("2f234454-cf6d-4a0f-adf2-f4911ba9ffa6"), 7, 42, -59)
 MARGIN_S = 0.2  # the BlueZ advertiser's fallback after BlueZ's Timeout
@@ -56,10 +56,6 @@ def backend(request: pytest.FixtureRequest) -> Backend:
                        lose=lambda adv: bluez.stop_bluetoothd(),
                        restore=lambda adv: bluez.start_bluetoothd())
     return Backend(make=SimAdvertiser, lose=_sim("lose_radio"), restore=_sim("restore_radio"))
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def test_the_registry_names_both_backends() -> None:

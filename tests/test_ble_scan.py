@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Coroutine
-from typing import Any
 from uuid import UUID
 
 import pytest
@@ -24,6 +22,7 @@ from hal.ble.scan import (
 from protocol.beacon import frames
 from protocol.errors import HardwareUnavailable
 from tests.fixtures.bluez import BluezMock, until
+from tests.waiting import run
 
 APP_UUID = "6e400001-b5a3-f393-e0a9-e50e24dcca9e"
 OTHER_UUID = "0000180d-0000-1000-8000-00805f9b34fb"
@@ -39,10 +38,6 @@ def heard(*, uuids: tuple[str, ...] = (), service_data: dict[str, bytes] | None 
     return AdvertisementData(local_name=None, manufacturer_data=manufacturer_data or {},
                              service_data=service_data or {}, service_uuids=list(uuids),
                              tx_power=None, rssi=rssi, platform_data=())
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 60))
 
 
 @pytest.mark.parametrize(("rssi", "n", "metres"), [

@@ -20,7 +20,9 @@ import pytest
 from daemon.outcome import Outcome
 from hal.card.model import Fault, FaultKind
 from protocol.entry import ENTRY_FIELDS, GENESIS, chain_hash
-from tests.helpers import INS_DEBIT, MASTER_KEY, Rig, raw_config, toml_text
+from tests.cards import INS_DEBIT, MASTER_KEY
+from tests.configs import raw_config, toml_text
+from tests.rig import Rig
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".venv" / "bin" / "tapgate"

@@ -1,6 +1,6 @@
 """Operators' signed commands and the desired state, on the gate, against a real mosquitto.
 
-The gate here is the sim rig (tests.helpers.Rig: sim reader, software SAM, sim gate I/O,
+The gate here is the sim rig (tests.rig.Rig: sim reader, software SAM, sim gate I/O,
 a real journal) with the real Uplink and the real command handling (daemon.sync.commands)
 in their own threads; the operator side is headend.command (its signing and its send),
 or hand-built messages where a test forges, replays or breaks one. One test runs the
@@ -38,9 +38,13 @@ from headend.mqtt import Broker
 from protocol import contract
 from protocol.command import Incoming
 from protocol.errors import ConfigError
+from tests.cards import serial_of
+from tests.configs import gate_config, raw_config, toml_text
+from tests.daemon_process import Daemon
 from tests.fixtures.mosquitto import Mosquitto
-from tests.helpers import Rig, gate_config, raw_config, serial_of, toml_text
-from tests.uplink_support import Daemon, mqtt_config, wait_until
+from tests.rig import Rig
+from tests.uplink_support import mqtt_config
+from tests.waiting import wait_until
 
 TIMEOUT_S = 30.0
 _numbers = itertools.count(1)

@@ -11,7 +11,8 @@ import pytest
 from daemon.config import DEMO_TAC_KEY, load, merge, validate
 from hal.sam.software import read_key_file
 from protocol.errors import ConfigError
-from tests.helpers import ADULT, CONCESSION, MASTER_KEY, STAFF, raw_config, toml_text
+from tests.cards import ADULT, CONCESSION, MASTER_KEY, STAFF
+from tests.configs import raw_config, toml_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

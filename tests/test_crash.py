@@ -15,33 +15,29 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from daemon.journal import Journal
 from hal.card.model import CardTorn, Fault, FaultKind, VirtualPurse
 from hal.card.vpcd import VpcdCard
-from tests.fixtures.pcsc import VPCD_PORT, Pcscd
-from tests.helpers import (
+from tests.cards import (
     INS_DEBIT,
     INS_INITIALIZE,
     INS_PROOF,
     INS_READ_RECORD,
     INS_SELECT,
     TERMINAL_ID,
-    assert_ledger,
-    journal_problems,
     make_card,
-    raw_config,
-    toml_text,
 )
+from tests.configs import raw_config, toml_text
+from tests.daemon_process import Daemon
+from tests.fixtures.pcsc import VPCD_PORT, Pcscd
+from tests.ledger import assert_ledger, journal_problems
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.slow]
 
@@ -54,7 +50,6 @@ KILLS = int(os.environ.get("TAPGATE_CRASH_KILLS", "100"))
 # card put down) quicker than that is never seen to leave, so passengers leave a gap.
 REMOVAL_GAP_S = 0.5
 KILL_POINTS = [INS_SELECT, INS_INITIALIZE, INS_DEBIT, INS_READ_RECORD, INS_PROOF]
-READY_TIMEOUT_S = 60.0
 TAP_TIMEOUT_S = 30.0
 
 
@@ -105,73 +100,6 @@ class KillSwitch:
         self.fired.set()
 
 
-_STARTED: list[Daemon] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_orphans() -> Iterator[None]:
-    """A failed test must not leave a daemon behind taking taps from the shared reader."""
-    yield
-    while _STARTED:
-        _STARTED.pop().kill()
-
-
-class Daemon:
-    """`tapgate run` as a subprocess, its log lines collected as they come."""
-
-    def __init__(self, config: Path) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("NOTIFY_SOCKET", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-        _STARTED.append(self)
-
-    def _collect(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def taps(self) -> int:
-        with self._cond:
-            return sum(" tapgate.tap: tap " in line for line in self.lines)
-
-    def wait_for(self, predicate: Any, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            # short waits: a kill switch firing or the process dying notifies nobody
-            while not predicate() and self.proc.poll() is None and time.monotonic() < deadline:
-                self._cond.wait(0.02)
-            if not predicate():
-                tail = "\n".join(self.lines[-30:])
-                pytest.fail(f"daemon: {what} did not happen; rc={self.proc.poll()}\n{tail}")
-
-    def wait_ready(self) -> None:
-        self.wait_for(lambda: any("tapgate running" in line for line in self.lines),
-                      READY_TIMEOUT_S, "start")
-
-    def wait_taps(self, count: int) -> None:
-        self.wait_for(lambda: self.taps() >= count, TAP_TIMEOUT_S, f"tap {count}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self._reader.join(10)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(30)
-        self._reader.join(10)
-        return rc
-
-
 @pytest.fixture
 def crash_config(tmp_path: Path) -> Path:
     raw = raw_config(tmp_path / "journal.db")
@@ -214,7 +142,7 @@ def _tap(daemon: Daemon, vpcd: VpcdCard) -> None:
     """Present the card until the daemon logged its tap, then take it away."""
     seen = daemon.taps()
     vpcd.insert()
-    daemon.wait_taps(seen + 1)
+    daemon.wait_taps(seen + 1, TAP_TIMEOUT_S)
     vpcd.remove()
     time.sleep(REMOVAL_GAP_S)
 
@@ -247,8 +175,8 @@ def test_sigkill_at_random_points_loses_nothing(crash_config: Path,
             vpcd.insert()
             # a kill point the tap never reaches (no pending tear: no READ RECORD) lets
             # the tap finish; then the kill comes right after it
-            daemon.wait_for(_killed_or_tapped(switch, daemon, seen), TAP_TIMEOUT_S,
-                            "kill or tap")
+            daemon.wait_for(_killed_or_tapped(switch, daemon, seen), "kill or tap",
+                            TAP_TIMEOUT_S)
             switch.disarm()
             kills["exchange" if switch.fired.is_set() else "random"] += 1
         else:

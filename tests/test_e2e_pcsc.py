@@ -34,8 +34,7 @@ from hal.gate.sim import SimGateIO
 from hal.reader.base import CardLink, ReaderState
 from hal.sam.software import SoftwareSam
 from protocol.entry import Entry
-from tests.fixtures.pcsc import VPCD_PORT, VPCD_READER, Pcscd
-from tests.helpers import (
+from tests.cards import (
     ADULT,
     FARES,
     INS_DEBIT,
@@ -45,13 +44,12 @@ from tests.helpers import (
     INS_SELECT,
     MASTER_KEY,
     Clock,
-    TracingLink,
-    assert_ledger,
-    gate_config,
-    journal_problems,
     make_card,
-    states,
 )
+from tests.configs import gate_config
+from tests.fixtures.pcsc import VPCD_PORT, VPCD_READER, Pcscd
+from tests.ledger import assert_ledger, journal_problems, states
+from tests.rig import TracingLink
 
 pytest.importorskip("smartcard", reason="pyscard is not installed")
 from smartcard import scard

@@ -30,10 +30,10 @@ from paho.mqtt.properties import Properties
 from headend.verify import Verifier
 from protocol import contract
 from protocol.entry import ENTRY_FIELDS, chain_hash
+from tests.cards import MASTER_TAC_KEY
 from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import GateStub, SignedGate, batches, reseal
 from tests.headend_support import Headend, headend, rows, uuids_of, verified_rows
-from tests.helpers import MASTER_TAC_KEY
 
 
 @pytest.fixture

@@ -23,60 +23,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from headend import keys
 from protocol import contract
+from tests.cards import MASTER_TAC_KEY
 from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import GateStub, SignedGate, batches
 from tests.headend_support import READY, ROOT, Headend, env, headend, uuids_of
-from tests.helpers import MASTER_TAC_KEY
+from tests.pki import make_pki
 
 
 # --- TLS -----------------------------------------------------------------------------------
-def make_pki(directory: Path, *clients: str) -> dict[str, tuple[Path, Path]]:
-    """A test CA, a server certificate for 127.0.0.1 and a client certificate per name:
-    name -> (certificate, key); "ca" -> (certificate, its key)."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(label: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-              ) -> tuple[Path, Path]:
-        cert_path, key_path = directory / f"{label}.pem", directory / f"{label}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        return cert_path, key_path
-
-    def builder(subject: str, key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.CertificateBuilder:
-        return (x509.CertificateBuilder().subject_name(name(subject))
-                .issuer_name(name("tapgate test CA")).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(hours=1))
-                .not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    out = {"ca": write("ca", builder("tapgate test CA", ca_key, True).sign(
-        ca_key, hashes.SHA256()), ca_key)}
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    out["server"] = write("server", builder("127.0.0.1", server_key, False).add_extension(
-        x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-        critical=False).sign(ca_key, hashes.SHA256()), server_key)
-    for client in clients:
-        key = ec.generate_private_key(ec.SECP256R1())
-        out[client] = write(client, builder(client, key, False).sign(ca_key, hashes.SHA256()),
-                            key)
-    return out
-
-
 def test_over_tls_with_client_certificates(
         tmp_path: Path, make_broker: Callable[..., Mosquitto],
         gates: Callable[..., SignedGate]) -> None:

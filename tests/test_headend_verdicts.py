@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from headend import verify
 from headend.verify import Verifier, parse_entry
 from protocol.entry import chain_hash
+from tests.cards import MASTER_TAC_KEY
 from tests.gate_stub import SignedGate, reseal
 from tests.headend_support import ROOT, Headend, env, headend, rows, verified_rows
-from tests.helpers import MASTER_TAC_KEY
 
 
 # --- verdicts after the ack -----------------------------------------------------------------

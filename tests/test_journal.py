@@ -15,7 +15,6 @@ from protocol.entry import (
     COMPLETED,
     ENTRY_FIELDS,
     GENESIS,
-    INTENT,
     KIND_DEBIT,
     KIND_PASS,
     KIND_RECOVERY,
@@ -30,21 +29,9 @@ from protocol.entry import (
     chain_hash,
 )
 from protocol.errors import JournalError, JournalFull
-from tests.helpers import TERMINAL_ID, Clock, fill_journal, serial_of, unfill_journal
-
-SERIAL = serial_of(7)
-
-
-def intent(seq: int, amount: int = 250) -> Draft:
-    return Draft(kind=KIND_DEBIT, state=INTENT, terminal_id=TERMINAL_ID, amount=amount,
-                 card_serial=SERIAL, card_type=1, balance_before=5000, card_counter=seq,
-                 card_random=bytes.fromhex("A1B2C3D4"), terminal_seq=seq, tx_date="20260504",
-                 tx_time="080000")
-
-
-def refusal(reason: str = "card blocked") -> Draft:
-    return Draft(kind=KIND_REFUSAL, state=REFUSED, terminal_id=TERMINAL_ID, reason=reason,
-                 card_serial=SERIAL)
+from tests.cards import TERMINAL_ID, Clock, serial_of
+from tests.disk import fill_journal, unfill_journal
+from tests.drafts import SERIAL, intent, refusal
 
 
 def filled(path: Path, n: int = 6) -> list[int]:

@@ -32,23 +32,11 @@ from protocol.entry import (
     Entry,
     chain_hash,
 )
+from tests.cards import TERMINAL_ID, Clock
+from tests.drafts import intent, refusal
 from tests.gate_stub import SignedGate
-from tests.helpers import TERMINAL_ID, Clock, serial_of
 
-SERIAL = serial_of(3)
 DAY_S = 86400
-
-
-def refusal(reason: str = "card blocked") -> Draft:
-    return Draft(kind=KIND_REFUSAL, state=REFUSED, terminal_id=TERMINAL_ID, reason=reason,
-                 card_serial=SERIAL)
-
-
-def intent(seq: int) -> Draft:
-    return Draft(kind=KIND_DEBIT, state=INTENT, terminal_id=TERMINAL_ID, amount=250,
-                 card_serial=SERIAL, card_type=1, balance_before=5000, card_counter=seq,
-                 card_random=bytes.fromhex("A1B2C3D4"), terminal_seq=seq, tx_date="20260504",
-                 tx_time="080000")
 
 
 def follow(head: Entry, kind: str, state: str, **extra: Any) -> Draft:

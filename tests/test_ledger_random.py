@@ -16,7 +16,7 @@ import pytest
 
 from daemon.outcome import Outcome
 from hal.card.model import Fault, FaultKind, VirtualPurse
-from tests.helpers import (
+from tests.cards import (
     ADULT,
     CONCESSION,
     INS_DEBIT,
@@ -25,13 +25,9 @@ from tests.helpers import (
     INS_READ_RECORD,
     INS_SELECT,
     STAFF,
-    LedgerWatch,
-    ProcessDied,
-    Rig,
-    assert_ledger,
-    die,
-    journal_problems,
 )
+from tests.ledger import LedgerWatch, assert_ledger, journal_problems
+from tests.rig import ProcessDied, Rig, die
 
 STEPS = int(os.environ.get("TAPGATE_RANDOM_STEPS", "1500"))
 CARDS = 20

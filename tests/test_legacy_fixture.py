@@ -21,14 +21,9 @@ from headend.verify import Verifier
 from protocol import devicekey
 from protocol.contract import Batch
 from protocol.entry import KIND_DEBIT, KIND_RECOVERY, NOT_DEBITED, RECOVERED, TORN
-from tests.helpers import (
-    MASTER_KEY,
-    MASTER_TAC_KEY,
-    Clock,
-    Rig,
-    assert_ledger,
-    journal_problems,
-)
+from tests.cards import MASTER_KEY, MASTER_TAC_KEY, Clock
+from tests.ledger import assert_ledger, journal_problems
+from tests.rig import Rig
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 STATE: dict[str, Any] = json.loads((LEGACY / "state.json").read_text())

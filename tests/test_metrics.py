@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.metrics import Metrics, journal_gauges, serve_http, write_textfile
 from hal.card.model import Fault, FaultKind
-from tests.helpers import INS_DEBIT, Rig
+from tests.cards import INS_DEBIT
+from tests.rig import Rig
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

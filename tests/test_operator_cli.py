@@ -31,7 +31,8 @@ from daemon.status import StatusBoard, liveness, read_status, run_status_writer
 from hal.card.model import Fault, FaultKind
 from hal.reader.base import ReaderState
 from protocol.entry import KIND_REFUSAL, REFUSED, Draft
-from tests.helpers import INS_DEBIT, MASTER_KEY, TERMINAL_ID, Rig, raw_config
+from tests.cards import INS_DEBIT, MASTER_KEY, TERMINAL_ID
+from tests.configs import raw_config
 from tests.operator_cli_support import (
     ROOT,
     TAPGATE,
@@ -41,6 +42,7 @@ from tests.operator_cli_support import (
     tapgate,
     write_config,
 )
+from tests.rig import Rig
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from daemon.cli_journal import Progress, json_line
 from daemon.journal import Journal, schema
 from protocol import devicekey
 from protocol.entry import ENTRY_FIELDS, GENESIS, KIND_REFUSAL, REFUSED, Draft, chain_hash
-from tests.helpers import TERMINAL_ID
+from tests.cards import TERMINAL_ID
 from tests.operator_cli_support import (
     ROOT,
     TAPGATE,

@@ -16,7 +16,7 @@ import pytest
 
 from daemon.journal import Journal
 from protocol.entry import KIND_REFUSAL, REFUSED, Draft
-from tests.helpers import TERMINAL_ID
+from tests.cards import TERMINAL_ID
 from tests.operator_cli_support import build_journal, config_for, digest, running_board, tapgate
 
 

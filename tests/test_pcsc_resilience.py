@@ -17,6 +17,7 @@ from hal.card.vpcd import VpcdCard
 from hal.reader.base import CardLink, ReaderState
 from protocol.tgp1 import apdu
 from tests.fixtures.pcsc import PURCHASE_KEY, Pcscd, make_purse
+from tests.waiting import wait_until
 
 pytest.importorskip("smartcard", reason="pyscard is not installed")
 from hal.reader.pcsc import PcscReader
@@ -50,14 +51,6 @@ def card_loop() -> Iterator[ThreadPoolExecutor]:
         yield pool
 
 
-def wait_until(predicate: Callable[[], bool], what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < DEADLINE_S, f"not {what} after {DEADLINE_S:.0f} s"
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
 def check_tap(link: CardLink | None, vpcd: VpcdCard) -> None:
     assert link is not None, f"no tap within {DEADLINE_S:.0f} s"
     assert apdu.parse_select(link.transmit(apdu.select())).serial == vpcd.card.serial
@@ -81,7 +74,8 @@ def test_taps_resume_after_pcscd_restarts_under_a_waiting_reader(
 
     waiting: Future[CardLink | None] = card_loop.submit(reader.wait_for_card, 3 * DEADLINE_S)
     owned_pcscd.stop()
-    lost_after = wait_until(lambda: reader.state is ReaderState.NO_SERVICE, "NO_SERVICE")
+    lost_after = wait_until(lambda: reader.state is ReaderState.NO_SERVICE, "NO_SERVICE",
+                            DEADLINE_S)
     assert not waiting.done()
 
     owned_pcscd.start()
@@ -120,7 +114,8 @@ def test_card_resting_on_the_reader_through_a_restart_comes_back(
     vpcd.insert(timeout=DEADLINE_S)
     owned_pcscd.restart()
     back = time.monotonic()
-    wait_until(lambda: vpcd.inserted and vpcd.connections >= 2, "the card back on vpcd")
+    wait_until(lambda: vpcd.inserted and vpcd.connections >= 2, "the card back on vpcd",
+               DEADLINE_S)
     check_tap(reader.wait_for_card(DEADLINE_S), vpcd)
     print(f"\ncard resting through a pcscd restart: tap {1000 * (time.monotonic() - back):.0f}"
           " ms after pcscd listed the reader again")
@@ -134,7 +129,8 @@ def test_taps_resume_after_the_reader_is_unplugged_and_plugged_back(
 
     waiting: Future[CardLink | None] = card_loop.submit(reader.wait_for_card, 3 * DEADLINE_S)
     owned_pcscd.unplug()
-    gone_after = wait_until(lambda: reader.state is ReaderState.NO_READER, "NO_READER")
+    gone_after = wait_until(lambda: reader.state is ReaderState.NO_READER, "NO_READER",
+                            DEADLINE_S)
     assert not waiting.done()
 
     owned_pcscd.plug()
@@ -156,7 +152,7 @@ def test_a_reader_absent_at_open_is_picked_up_later(
     pcsc = PcscReader(name=GLOB, poll_s=0.1)
     pcsc.open()
     try:
-        wait_until(lambda: pcsc.state is ReaderState.NO_READER, "NO_READER")
+        wait_until(lambda: pcsc.state is ReaderState.NO_READER, "NO_READER", DEADLINE_S)
         assert pcsc.wait_for_card(0.3) is None
         assert pcsc.wait_for_removal(0.3) is True  # nothing can be in an absent field
         owned_pcscd.plug()

@@ -11,16 +11,10 @@ from hal.sam.software import SoftwareSam
 from protocol.entry import COMPLETED, KIND_DEBIT
 from protocol.tgp1 import apdu
 from protocol.tgp1.crypto import Purchase, card_key, card_tac_key, cmac
-from tests.helpers import (
-    MASTER_KEY,
-    MASTER_TAC_KEY,
-    TERMINAL_ID,
-    Clock,
-    Rig,
-    assert_ledger,
-    gate_config,
-    make_card,
-)
+from tests.cards import MASTER_KEY, MASTER_TAC_KEY, TERMINAL_ID, Clock, make_card
+from tests.configs import gate_config
+from tests.ledger import assert_ledger
+from tests.rig import Rig
 
 SERIAL = bytes.fromhex("8801000000001234")
 RANDOM = bytes.fromhex("A1B2C3D4")

@@ -15,18 +15,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import raw_config, toml_text
+from tests.configs import raw_config, toml_text
+from tests.daemon_process import Daemon
 
-ROOT = Path(__file__).resolve().parent.parent
 WATCHDOG_USEC = 400_000  # WatchdogSec=0.4: the daemon pings every 0.2 s
 STALENESS_S = 1.0  # service.watchdog_staleness_s: how long a silent card loop is trusted
 START_TIMEOUT_S = 30.0  # generous: only a broken daemon should ever get near these
@@ -39,15 +37,6 @@ SD_NOTIFY_KEYS = {"READY", "RELOADING", "STOPPING", "STATUS", "ERRNO", "BUSERROR
                   "NOTIFYACCESS"}
 
 
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("TAPGATE_")
-           and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
 class Systemd:
     """systemd's side of one service: the notify socket, and the main process it started."""
 
@@ -58,36 +47,28 @@ class Systemd:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.address)
         self.messages: Messages = []
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc: subprocess.Popen[str] | None = None
-        self._stderr: threading.Thread | None = None
+        self.daemon: Daemon | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[str] | None:
+        return self.daemon.proc if self.daemon is not None else None
+
+    @property
+    def lines(self) -> list[str]:
+        return self.daemon.lines if self.daemon is not None else []
 
     def start(self, config: Path, *overrides: str, watchdog_pid: str = "self") -> None:
         """`tapgate run` as the main process. ``watchdog_pid``: "self" sets WATCHDOG_PID to
         the daemon's own pid (as systemd does), "unset" leaves it out, anything else is
         used as is."""
-        env = _env({"NOTIFY_SOCKET": self.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)})
-        argv = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
-        for override in overrides:
-            argv += ["--set", override]
+        env = {"NOTIFY_SOCKET": self.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        prefix: list[str] = []
         if watchdog_pid == "self":
             # the shell's pid is the daemon's: exec keeps it
-            argv = ["/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh",
-                    *argv]
+            prefix = ["/bin/sh", "-c", 'WATCHDOG_PID=$$; export WATCHDOG_PID; exec "$@"', "sh"]
         elif watchdog_pid != "unset":
             env["WATCHDOG_PID"] = watchdog_pid
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._stderr = threading.Thread(target=self._collect, daemon=True)
-        self._stderr.start()
-
-    def _collect(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
+        self.daemon = Daemon(config, *overrides, env=env, prefix=prefix)
 
     # -- the notify socket -----------------------------------------------------------------
     def receive(self, timeout: float) -> bool:
@@ -122,58 +103,38 @@ class Systemd:
 
     # -- the daemon's log ------------------------------------------------------------------
     def wait_log(self, text: str, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not any(text in line for line in self.lines):
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc is not None and self.proc.poll() is not None):
-                    break
-                self._cond.wait(min(left, 0.1))
-            found = any(text in line for line in self.lines)
-        if not found:
+        assert self.daemon is not None
+        if not self.daemon.until(lambda: self.log_count(text) > 0, timeout):
             self.fail(f"log line {text!r} never came")
 
     def log_count(self, text: str) -> int:
-        with self._cond:
-            return sum(text in line for line in self.lines)
+        return self.daemon.count(text) if self.daemon is not None else 0
 
     def fail(self, why: str) -> None:
-        rc = self.proc.poll() if self.proc is not None else None
-        with self._cond:
-            tail = "\n".join(self.lines[-30:])
-        pytest.fail(f"{why}; rc={rc}\nmessages: {self.messages}\nlog:\n{tail}")
+        log = self.daemon.tail() if self.daemon is not None else "not started"
+        pytest.fail(f"{why}\nmessages: {self.messages}\n{log}")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.fail(f"no exit within {STOP_TIMEOUT_S} s of SIGTERM")
-        self._join()
-        self.drain()
-        return rc
+        assert self.daemon is not None
+        self.daemon.proc.send_signal(signal.SIGTERM)
+        return self._exited(STOP_TIMEOUT_S, f"no exit within {STOP_TIMEOUT_S} s of SIGTERM")
 
     def wait_exit(self) -> int:
-        assert self.proc is not None
+        return self._exited(START_TIMEOUT_S, f"did not exit within {START_TIMEOUT_S} s")
+
+    def _exited(self, timeout: float, why: str) -> int:
+        assert self.daemon is not None
         try:
-            rc = self.proc.wait(START_TIMEOUT_S)
+            rc = self.daemon.wait_exit(timeout)
         except subprocess.TimeoutExpired:
-            self.fail(f"did not exit within {START_TIMEOUT_S} s")
-        self._join()
+            self.fail(why)
         self.drain()
         return rc
 
-    def _join(self) -> None:
-        if self._stderr is not None:
-            self._stderr.join(10)
-
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT_S)
-        self._join()
+        if self.daemon is not None:
+            self.daemon.kill(STOP_TIMEOUT_S)
         self.sock.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 

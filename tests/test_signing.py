@@ -13,14 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from daemon.journal import Journal, schema
 from protocol import devicekey
-from protocol.entry import GENESIS, INTENT, KIND_DEBIT, Draft, Entry, chain_hash
+from protocol.entry import GENESIS, INTENT, KIND_DEBIT, Entry, chain_hash
 from protocol.errors import ConfigError
-from tests.helpers import TERMINAL_ID, serial_of
-
-
-def intent(seq: int) -> Draft:
-    return Draft(kind=KIND_DEBIT, state=INTENT, terminal_id=TERMINAL_ID, amount=250,
-                 card_serial=serial_of(1), terminal_seq=seq)
+from tests.cards import TERMINAL_ID, serial_of
+from tests.drafts import intent
 
 
 def test_entries_are_signed_and_verified(tmp_path: Path) -> None:

@@ -20,22 +20,11 @@ from protocol.entry import (
     KIND_REFUSAL,
     REFUSED,
 )
-from tests.helpers import (
-    ADULT,
-    CONCESSION,
-    INS_DEBIT,
-    INS_INITIALIZE,
-    INS_SELECT,
-    STAFF,
-    Rig,
-    TinyDisk,
-    assert_ledger,
-    fill_journal,
-    gate_config,
-    journal_problems,
-    states,
-    unfill_journal,
-)
+from tests.cards import ADULT, CONCESSION, INS_DEBIT, INS_INITIALIZE, INS_SELECT, STAFF
+from tests.configs import gate_config
+from tests.disk import TinyDisk, fill_journal, unfill_journal
+from tests.ledger import assert_ledger, journal_problems, states
+from tests.rig import Rig
 
 SELECT_INIT_DEBIT = [INS_SELECT, INS_INITIALIZE, INS_DEBIT]
 

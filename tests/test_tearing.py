@@ -21,24 +21,18 @@ from protocol.entry import (
     UNCERTAIN,
     UNPROVEN,
 )
-from tests.helpers import (
+from tests.cards import (
     INS_DEBIT,
     INS_INITIALIZE,
     INS_PROOF,
     INS_READ_RECORD,
     INS_SELECT,
     OTHER_TERMINAL_ID,
-    ProcessDied,
-    Rig,
-    TinyDisk,
-    assert_ledger,
-    begin_debit,
-    die,
-    gate_config,
-    journal_problems,
-    ledger,
-    states,
 )
+from tests.configs import gate_config
+from tests.disk import TinyDisk
+from tests.ledger import assert_ledger, journal_problems, ledger, states
+from tests.rig import ProcessDied, Rig, begin_debit, die
 
 TEARS = [FaultKind.TEAR_BEFORE, FaultKind.TEAR_AFTER]
 RECOVER = [INS_SELECT, INS_READ_RECORD, INS_PROOF]  # what a recovery of a debited card sends

@@ -16,20 +16,17 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from daemon.journal import Journal
 from daemon.sync.uplink import Uplink
 from protocol import contract
+from tests.configs import raw_config, toml_text
+from tests.daemon_process import Daemon
 from tests.fixtures.mosquitto import Mosquitto
-from tests.helpers import raw_config, toml_text
 from tests.uplink_support import (
-    TIMEOUT_S,
-    Daemon,
     HeadEnd,
     StatusWatch,
     journal_uuids,
@@ -38,8 +35,8 @@ from tests.uplink_support import (
     refusals,
     retained_status,
     running,
-    wait_until,
 )
+from tests.waiting import TIMEOUT_S, wait_until
 
 
 # --- outages -------------------------------------------------------------------------------
@@ -95,14 +92,6 @@ def test_broker_outage_while_taps_go_on_loses_nothing(
 
 
 # --- the real daemon -----------------------------------------------------------------------
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
-
-
 def daemon_config(tmp_path: Path, gate_id: str, broker: Mosquitto, *,
                   tap_interval_s: float, **mqtt: Any) -> Path:
     raw = raw_config(tmp_path / "journal.db")
@@ -128,7 +117,7 @@ def pending_on_disk(journal: Path) -> tuple[int, int]:
 
 
 def test_gate_sigkilled_mid_drain_loses_nothing_and_its_will_says_offline(
-        tmp_path: Path, mosquitto: Mosquitto, headend: HeadEnd, daemons: list[Daemon]) -> None:
+        tmp_path: Path, mosquitto: Mosquitto, headend: HeadEnd) -> None:
     gate_id = new_gate_id()
     journal_path = tmp_path / "journal.db"
     with Journal(journal_path) as journal:  # a gate that was offline a long time
@@ -137,7 +126,6 @@ def test_gate_sigkilled_mid_drain_loses_nothing_and_its_will_says_offline(
     headend.ack_delay_s = 0.005  # a head-end that takes its time: the drain is caught mid-way
     try:
         daemon = Daemon(daemon_config(tmp_path, gate_id, mosquitto, tap_interval_s=0.05))
-        daemons.append(daemon)
         daemon.wait_log("tapgate running")
         online = watch.wait_state(contract.ONLINE, "the online status")
         assert online.telemetry["version"] and "taps" in online.telemetry
@@ -151,7 +139,6 @@ def test_gate_sigkilled_mid_drain_loses_nothing_and_its_will_says_offline(
 
         headend.ack_delay_s = 0
         daemon = Daemon(daemon_config(tmp_path, gate_id, mosquitto, tap_interval_s=0.05))
-        daemons.append(daemon)
         daemon.wait_log("tapgate running")
         watch.wait_state(contract.ONLINE, "online again")
         daemon.wait_log(" tapgate.tap: tap ", 5)  # taps go on while the backlog drains
@@ -162,7 +149,6 @@ def test_gate_sigkilled_mid_drain_loses_nothing_and_its_will_says_offline(
 
         # what the taps wrote in the last moments goes with the next start (no demo taps)
         daemon = Daemon(daemon_config(tmp_path, gate_id, mosquitto, tap_interval_s=0))
-        daemons.append(daemon)
         daemon.wait_log("tapgate running")
         wait_until(lambda: pending_on_disk(journal_path)[1] == 0, "the last entries")
         assert daemon.stop() == 0
@@ -180,7 +166,7 @@ def test_gate_sigkilled_mid_drain_loses_nothing_and_its_will_says_offline(
 
 
 def test_broker_dead_at_start_the_gate_takes_taps_and_drains_later(
-        tmp_path: Path, make_broker: Callable[..., Mosquitto], daemons: list[Daemon]) -> None:
+        tmp_path: Path, make_broker: Callable[..., Mosquitto]) -> None:
     broker = make_broker(start=False)
     gate_id = new_gate_id()
     journal_path = tmp_path / "journal.db"
@@ -192,7 +178,6 @@ def test_broker_dead_at_start_the_gate_takes_taps_and_drains_later(
     try:
         daemon = Daemon(daemon_config(tmp_path, gate_id, broker, tap_interval_s=0.05),
                         env={"NOTIFY_SOCKET": str(notify_dir / "notify")})
-        daemons.append(daemon)
         while b"READY=1" not in notify.recv(4096):
             pass
         daemon.wait_log("tapgate running")
@@ -205,7 +190,6 @@ def test_broker_dead_at_start_the_gate_takes_taps_and_drains_later(
         wait_until(lambda: len(standin.uuids_of(gate_id)) >= written, "the drain")
         assert daemon.stop() == 0
         daemon = Daemon(daemon_config(tmp_path, gate_id, broker, tap_interval_s=0))
-        daemons.append(daemon)
         # (the first run may have drained it all: a SIGTERM before the daemon is up would
         # find no handler yet)
         daemon.wait_log("tapgate running")
@@ -223,11 +207,10 @@ def test_broker_dead_at_start_the_gate_takes_taps_and_drains_later(
 
 
 def test_status_telemetry_is_retained_and_carries_what_the_operator_needs(
-        tmp_path: Path, mosquitto: Mosquitto, headend: HeadEnd, daemons: list[Daemon]) -> None:
+        tmp_path: Path, mosquitto: Mosquitto, headend: HeadEnd) -> None:
     gate_id = new_gate_id()
     daemon = Daemon(daemon_config(tmp_path, gate_id, mosquitto, tap_interval_s=0.05,
                                   disk_alarm_pct=1))  # any disk is fuller than 1 %
-    daemons.append(daemon)
     daemon.wait_log(" tapgate.tap: tap ", 5)
     watch = StatusWatch(mosquitto, gate_id)
     try:

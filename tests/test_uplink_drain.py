@@ -20,7 +20,6 @@ from daemon.sync.uplink import Uplink
 from protocol import contract
 from tests.fixtures.mosquitto import Mosquitto
 from tests.uplink_support import (
-    TIMEOUT_S,
     HeadEnd,
     _properties,
     journal_uuids,
@@ -28,8 +27,8 @@ from tests.uplink_support import (
     refusals,
     retained_status,
     running,
-    wait_until,
 )
+from tests.waiting import TIMEOUT_S, wait_until
 
 
 # --- draining ------------------------------------------------------------------------------

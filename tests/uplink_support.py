@@ -1,6 +1,6 @@
 """What the uplink tests share: a stand-in for the head-end, a watch on a gate's status,
-the uplink run in a thread, the real daemon as a subprocess (:class:`Daemon`), and the
-fixtures for a stand-in and a gate's journal.
+the uplink run in a thread, and the fixtures for a stand-in and a gate's journal (the real
+daemon as a subprocess is tests/daemon_process.py).
 
 The stand-in head-end is written for these tests (a paho subscriber that stores entries
 by uuid, first arrival wins, and acks per protocol.contract after storing); the real
@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,10 +32,11 @@ from daemon.config import MqttConfig
 from daemon.journal import Journal
 from daemon.sync.uplink import Uplink
 from protocol import contract
-from protocol.entry import KIND_REFUSAL, REFUSED, Draft, chain_hash
+from protocol.entry import Draft, chain_hash
+from tests.drafts import refusal
 from tests.fixtures.mosquitto import Mosquitto
+from tests.waiting import TIMEOUT_S, wait_until
 
-TIMEOUT_S = 60.0  # only a broken uplink gets near it; nothing here is timed
 _gate_numbers = itertools.count(1)
 _standins = itertools.count(1)
 
@@ -47,17 +45,8 @@ def new_gate_id() -> str:
     return f"0000C{os.getpid() % 0xFFFF:04X}{next(_gate_numbers):03X}"
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def refusals(terminal_id: bytes, n: int, tag: str = "") -> list[Draft]:
-    return [Draft(kind=KIND_REFUSAL, state=REFUSED, terminal_id=terminal_id,
-                  reason=f"test {tag}{i}") for i in range(n)]
+    return [refusal(f"test {tag}{i}", serial=None, terminal_id=terminal_id) for i in range(n)]
 
 
 def _properties() -> Properties:
@@ -248,51 +237,3 @@ def gate(tmp_path: Path) -> Iterator[tuple[str, Journal]]:
 
 def journal_uuids(journal: Journal) -> list[str]:
     return [e.uuid for e in journal.entries()]
-
-
-class Daemon:
-    """`python -m daemon.cli run` as a subprocess, its log lines collected."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        if not env or "NOTIFY_SOCKET" not in env:
-            full_env.pop("NOTIFY_SOCKET", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env, text=True)
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-
-    def _collect(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
-
-    def count(self, text: str) -> int:
-        with self._lock:
-            return sum(text in line for line in self.lines)
-
-    def wait_log(self, text: str, n: int = 1) -> None:
-        deadline = time.monotonic() + TIMEOUT_S
-        while self.count(text) < n:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                with self._lock:
-                    tail = "\n".join(self.lines[-30:])
-                pytest.fail(f"daemon: no {n} x {text!r}; rc={self.proc.poll()}\n{tail}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(TIMEOUT_S)
-        self._reader.join(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(TIMEOUT_S)
-        self._reader.join(10)
-        return rc
