@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from daemon import __version__
+from daemon import __version__, backends, demo
 from daemon.config import Config
 from daemon.journal import Journal
 from daemon.loop import CardLoop
@@ -31,9 +31,9 @@ from daemon.supervisor import supervise
 from daemon.sync.handlers import GateControl, effective_config
 from daemon.sync.retention import run_retention
 from daemon.tap import TapProcessor
-from hal.gate.base import GateIO, Signal
+from hal.gate.base import GateIO
+from hal.gate.shared import SharedGateIO
 from hal.reader.base import Reader, ReaderState
-from hal.registry import backend_class
 from hal.sam.base import Sam
 from protocol import devicekey
 from protocol.errors import TapgateError
@@ -129,33 +129,6 @@ class Gate:
                 log.exception("closing %s", type(part).__name__)
 
 
-class SharedGateIO:
-    """The gate I/O of the card loop, shared with an operator's open_gate (the commands'
-    thread): one call into the driver at a time."""
-
-    def __init__(self, inner: GateIO) -> None:
-        self._inner = inner
-        self._lock = threading.Lock()
-
-    def open_for_passage(self) -> None:
-        with self._lock:
-            self._inner.open_for_passage()
-
-    def show(self, signal: Signal, text: str) -> None:
-        with self._lock:
-            self._inner.show(signal, text)
-
-    def beep(self, signal: Signal) -> None:
-        with self._lock:
-            self._inner.beep(signal)
-
-    def on_button(self, callback: Callable[[], None]) -> None:
-        self._inner.on_button(callback)
-
-    def close(self) -> None:
-        self._inner.close()
-
-
 def _report_tap(result: TapResult, seconds: float) -> None:
     level = logging.INFO if result.outcome is not Outcome.OUT_OF_SERVICE else logging.ERROR
     tap_log.log(level, "tap %s [%.1f ms]", result.describe(), seconds * 1000,
@@ -165,9 +138,10 @@ def _report_tap(result: TapResult, seconds: float) -> None:
 
 def build(config: Config, notifier: Notifier | None = None) -> Gate:
     """Construct backends (by name, through the registry) and open the journal."""
-    sam: Sam = backend_class("sam", config.sam.backend).from_config(config)
-    gateio: GateIO = backend_class("gateio", config.gateio.backend).from_config(config)
-    reader: Reader = backend_class("reader", config.reader.backend).from_config(config)
+    sam = backends.sam(config.sam)
+    gateio = backends.gateio(config.gateio)
+    reader = backends.reader(config.reader)
+    demo.start(reader, config)  # `make run`'s passengers, when [reader] asks for them
     signer = devicekey.load(config.journal.device_key) if config.journal.device_key else None
     journal = Journal(config.journal.path, signer=signer).open()
     gate_config = effective_config(config.gate, journal)  # with what operators set
@@ -234,7 +208,7 @@ def _beacon(config: Config, gateio: GateIO) -> BeaconController | None:
         return None
     from daemon.beacon.controller import BeaconController
 
-    advertiser = backend_class("ble", config.beacon.backend).from_config(config)
+    advertiser = backends.advertiser(config.beacon)
     beacon = BeaconController(config=config.beacon, advertiser=advertiser)
     def pressed() -> None:
         beacon.trigger("button")

@@ -15,10 +15,10 @@ from uuid import UUID
 
 import pytest
 
+from hal import registry
 from hal.ble.base import Advertiser, AdvertisingRequest
 from hal.ble.bluez import BluezAdvertiser
 from hal.ble.sim import SimAdvertiser
-from hal.registry import backend_class
 from protocol.beacon import frames
 from protocol.errors import HardwareUnavailable
 from tests.fixtures.bluez import BluezMock, Recorder, until
@@ -59,8 +59,8 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 def test_the_registry_names_both_backends() -> None:
-    assert backend_class("ble", "sim") is SimAdvertiser
-    assert backend_class("ble", "bluez") is BluezAdvertiser
+    assert registry.advertiser("sim") is SimAdvertiser
+    assert registry.advertiser("bluez") is BluezAdvertiser
 
 
 def test_on_air_changed_in_place_and_withdrawn(backend: Backend) -> None:

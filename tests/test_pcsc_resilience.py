@@ -12,11 +12,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from daemon.config import validate
 from hal.card.vpcd import VpcdCard
 from hal.reader.base import CardLink, ReaderState
 from protocol.tgp1 import apdu
-from tests.fixtures.pcsc import PURCHASE_KEY, Pcscd, make_purse
+from tests.fixtures.pcsc import Pcscd, make_purse
 from tests.waiting import wait_until
 
 pytest.importorskip("smartcard", reason="pyscard is not installed")
@@ -31,12 +30,7 @@ GLOB = "Virtual PCD * 00"  # the first vpcd reader, by pattern
 
 @pytest.fixture
 def reader() -> Iterator[PcscReader]:
-    config = validate({
-        "gate": {"terminal_id": "000000A00001", "fare": 250},
-        "sam": {"purchase_key": PURCHASE_KEY.hex()},
-        "reader": {"backend": "pcsc", "name": GLOB, "poll_s": 0.1},
-    })
-    pcsc = PcscReader.from_config(config)
+    pcsc = PcscReader(name=GLOB, poll_s=0.1)
     pcsc.open()
     try:
         yield pcsc

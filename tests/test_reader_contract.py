@@ -9,7 +9,6 @@ from typing import Protocol
 
 import pytest
 
-from daemon.config import Config, validate
 from hal.card.model import Fault, FaultKind, VirtualPurse
 from hal.card.vpcd import VpcdCard
 from hal.reader.base import CardLink, Reader, ReaderState
@@ -25,14 +24,6 @@ TERMINAL_ID = bytes.fromhex("000000A00001")
 DATE, TIME = bytes.fromhex("20261122"), bytes.fromhex("083015")
 
 
-def reader_config(backend: str, name: str = "*") -> Config:
-    return validate({
-        "gate": {"terminal_id": TERMINAL_ID.hex(), "fare": 250},
-        "sam": {"purchase_key": PURCHASE_KEY.hex()},
-        "reader": {"backend": backend, "name": name, "poll_s": 0.1, "sim_interval_s": 0},
-    })
-
-
 class Rig(Protocol):
     """A reader under test and a hand that puts cards in its field."""
 
@@ -45,7 +36,7 @@ class Rig(Protocol):
 
 class SimRig:
     def __init__(self) -> None:
-        self.sim = SimReader.from_config(reader_config("sim"))
+        self.sim = SimReader()
         self.reader: Reader = self.sim
 
     def present(self, card: VirtualPurse) -> None:
@@ -59,7 +50,7 @@ class PcscRig:
     def __init__(self, vpcd_card: Callable[..., VpcdCard]) -> None:
         from hal.reader.pcsc import PcscReader
 
-        self.reader: Reader = PcscReader.from_config(reader_config("pcsc", VPCD_READER))
+        self.reader: Reader = PcscReader(name=VPCD_READER, poll_s=0.1)
         self._vpcd_card = vpcd_card
         self._cards: dict[int, VpcdCard] = {}
         self._current: VpcdCard | None = None

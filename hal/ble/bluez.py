@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -40,9 +40,6 @@ from hal.ble.bluez_adv import (
 )
 from hal.ble.sim import describe
 from protocol.errors import HardwareUnavailable, TapgateError
-
-if TYPE_CHECKING:
-    from daemon.config import Config
 
 log = logging.getLogger("tapgate.beacon")
 
@@ -90,10 +87,6 @@ class BluezAdvertiser:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._listeners = Listeners()
-
-    @classmethod
-    def from_config(cls, config: Config) -> BluezAdvertiser:
-        return cls(adapter=config.beacon.adapter)
 
     @property
     def unique_name(self) -> str | None:

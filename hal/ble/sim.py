@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from hal.ble.base import (
     KIND,
@@ -23,9 +22,6 @@ from hal.ble.base import (
     log,
 )
 from protocol.errors import HardwareUnavailable
-
-if TYPE_CHECKING:
-    from daemon.config import Config
 
 
 def describe(request: AdvertisingRequest) -> str:
@@ -61,11 +57,6 @@ class SimAdvertiser:
         self._listeners = Listeners()
         self.updates: collections.Counter[str] = collections.Counter()  # UPDATED per slot
         self.requests: list[tuple[str, AdvertisingRequest]] = []  # every advertise() taken
-
-    @classmethod
-    def from_config(cls, config: Config) -> SimAdvertiser:
-        del config  # nothing in [beacon] changes how the simulator behaves
-        return cls()
 
     # -- the Advertiser contract ----------------------------------------------------------
     async def open(self) -> AdapterInfo:

@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from daemon.config import Config
 from hal.gate.base import Signal
 
 log = logging.getLogger("tapgate.gate")
@@ -29,10 +28,6 @@ class SimGateIO:
         self.events: list[GateEvent] = []
         self.passages = 0
         self._button: list[Callable[[], None]] = []
-
-    @classmethod
-    def from_config(cls, config: Config) -> SimGateIO:
-        return cls(hang_after=config.gateio.sim_hang_after)
 
     def _record(self, event: GateEvent) -> None:
         with self._lock:

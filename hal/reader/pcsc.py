@@ -5,10 +5,10 @@ Instead the card loop's own thread polls with bounded ``SCardGetStatusChange`` c
 and repairs what it finds broken:
 
 - the service died or restarted (the context is dead): release it and establish a new
-  one every ``reader.poll_s`` until pcscd answers again (state NO_SERVICE);
+  one every ``poll_s`` (``reader.poll_s``) until pcscd answers again (state NO_SERVICE);
 - the reader is gone (unplugged, or pcscd came back without it): look for a reader that
-  matches ``reader.name`` again, waking on the ``\\\\?PnP?\\Notification`` pseudo-reader
-  where pcscd offers it, and every ``reader.poll_s`` anyway (state NO_READER).
+  matches ``name`` (``reader.name``) again, waking on the ``\\\\?PnP?\\Notification``
+  pseudo-reader where pcscd offers it, and every ``poll_s`` anyway (state NO_READER).
 
 A card is handed out once per presentation: after the card loop got it, it is not handed
 out again until it has been seen leaving the field. pcsc-lite counts card insertions and
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 from smartcard import scard
 
-from daemon.config import Config
 from hal.reader.base import CardLink, ReaderState
 from protocol.errors import CardGone, HardwareUnavailable
 
@@ -172,10 +171,6 @@ class PcscReader:
         self._held = False  # the card now in the field was handed out: not again
         self._held_events: int | None = None  # its insertion count, in this context
         self._warned: set[int] = set()
-
-    @classmethod
-    def from_config(cls, config: Config) -> PcscReader:
-        return cls(name=config.reader.name, poll_s=config.reader.poll_s)
 
     # -- the Reader contract -----------------------------------------------------------
     @property

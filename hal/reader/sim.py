@@ -1,15 +1,14 @@
 """An in-process reader whose cards are :class:`hal.card.model.VirtualPurse` objects.
 
-Tests (or the demo driver of ``make run``) put cards in the field with :meth:`present`
-and take them out with :meth:`remove`; the card loop sees them exactly as it would see
-cards on a PC/SC reader, tears included.
+Tests (or the daemon's demo passengers of ``make run``) put cards in the field with
+:meth:`present` and take them out with :meth:`remove`; the card loop sees them exactly as
+it would see cards on a PC/SC reader, tears included.
 """
 
 from __future__ import annotations
 
 import threading
 
-from daemon.config import Config
 from hal.card.model import CardTorn, VirtualPurse
 from hal.reader.base import CardLink, ReaderState
 from protocol.errors import CardGone, HardwareUnavailable
@@ -52,19 +51,6 @@ class SimReader:
         self._handed = 0  # the last presentation given to the card loop
         self._done = 0  # the last presentation the card loop released
         self._state = ReaderState.CLOSED
-        self._demo: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    @classmethod
-    def from_config(cls, config: Config) -> SimReader:
-        reader = cls(name="sim")
-        if config.reader.sim_interval_s > 0:
-            from hal.reader.simdemo import DemoRider
-
-            rider = DemoRider.from_config(reader, config)
-            reader._demo = threading.Thread(target=rider.run, args=(reader._stop,),
-                                            name="sim-demo", daemon=True)
-        return reader
 
     # -- the Reader contract -----------------------------------------------------------
     @property
@@ -79,11 +65,9 @@ class SimReader:
         with self._cond:
             if self._state is ReaderState.CLOSED:
                 self._state = ReaderState.READY
-        if self._demo is not None and not self._demo.is_alive():
-            self._demo.start()
+                self._cond.notify_all()
 
     def close(self) -> None:
-        self._stop.set()
         with self._cond:
             self._state = ReaderState.CLOSED
             self._cond.notify_all()
@@ -108,6 +92,16 @@ class SimReader:
             return self._cond.wait_for(lambda: self._card is None, timeout)
 
     # -- driving it (tests, the demo) --------------------------------------------------
+    def wait_until_open(self, timeout: float) -> bool:
+        """Block until the reader is open (the card loop opened it), up to ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._state is not ReaderState.CLOSED, timeout)
+
+    def wait_until_closed(self, timeout: float) -> bool:
+        """Block until the reader is closed, up to ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._state is ReaderState.CLOSED, timeout)
+
     def present(self, card: VirtualPurse) -> None:
         """Put ``card`` in the field (removing any card already there)."""
         card.power_on()

@@ -11,7 +11,6 @@ import hmac
 import stat
 from pathlib import Path
 
-from daemon.config import Config
 from protocol.errors import ConfigError
 from protocol.tgp1.crypto import Purchase, card_key
 
@@ -37,7 +36,16 @@ def read_key_file(path: Path) -> bytes:
 
 
 class SoftwareSam:
-    def __init__(self, *, purchase_key: bytes) -> None:
+    def __init__(self, *, purchase_key: bytes | None = None,
+                 key_file: Path | None = None) -> None:
+        """The key itself, or the file that holds it (``sam.purchase_key`` or
+        ``sam.key_file``): exactly one of them."""
+        if key_file is not None:
+            if purchase_key is not None:
+                raise ValueError("give purchase_key or key_file, not both")
+            purchase_key = read_key_file(key_file)
+        if purchase_key is None:
+            raise ValueError("give purchase_key or key_file")
         if len(purchase_key) != 16:
             raise ValueError("purchase key must be 16 bytes")
         self._master = purchase_key
@@ -46,14 +54,6 @@ class SoftwareSam:
         # The session key of the last purchase MAC1 was computed for: checking its MAC2
         # (a moment later, before the gate opens) needs the same key, not a new CMAC.
         self._session: tuple[bytes, Purchase, bytes] | None = None
-
-    @classmethod
-    def from_config(cls, config: Config) -> SoftwareSam:
-        key = config.sam.purchase_key
-        if key is None:
-            assert config.sam.key_file is not None  # validate() ensures one of them
-            key = read_key_file(config.sam.key_file)
-        return cls(purchase_key=key)
 
     def _derive(self, serial: bytes) -> bytes:
         return card_key(self._master, serial)
