@@ -14,7 +14,7 @@ from hal.gate.sim import SimGateIO
 from hal.reader.sim import SimReader
 from hal.sam.software import SoftwareSam
 from protocol.errors import BackendMissing, ConfigError
-from tests.helpers import MASTER_KEY
+from tests.cards import MASTER_KEY
 
 
 def test_each_kind_names_its_backends() -> None:
