@@ -4,6 +4,10 @@ pyscard and peewee block, so the loop runs in its own thread, never on the event
 Between taps it settles housekeeping from the journal (tears whose window closed).
 Its heartbeat is the liveness the service watchdog reports: it only advances when the
 loop really goes round.
+
+What a tap causes besides the gate's own signals (counting it, logging it, waking the
+uplink, a beacon window) is the listeners' business, handed to the loop when it is
+built; so is what a change of the reader's state causes.
 """
 
 from __future__ import annotations
@@ -12,27 +16,53 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from daemon.outcome import TapResult
+from daemon.outcome import Outcome, TapResult
 from daemon.tap import TapProcessor
 from hal.reader.base import Reader, ReaderState
 
 log = logging.getLogger("tapgate.loop")
+tap_log = logging.getLogger("tapgate.tap")
 
 WAIT_SLICE_S = 0.25  # how long one wait for a card may block the loop
 SWEEP_EVERY_S = 5.0
 CHECKPOINT_IDLE_S = 1.0  # when idle, fold the WAL back at most this often
 
+# After each tap, in the card loop's thread, with what came of it and how long it took
+# (card in the field to outcome shown). The next passenger waits for it: it must not.
+TapListener = Callable[[TapResult, float], None]
+# When the reader's state changes, with the reader's name (a PC/SC reader's is known
+# once it is found).
+ReaderListener = Callable[[str, ReaderState], None]
+
+
+def log_tap(result: TapResult, seconds: float) -> None:
+    """A TapListener: the tap in the log, with the card, the outcome and the entry."""
+    level = logging.INFO if result.outcome is not Outcome.OUT_OF_SERVICE else logging.ERROR
+    tap_log.log(level, "tap %s [%.1f ms]", result.describe(), seconds * 1000,
+                extra={"card_serial": (result.serial or b"").hex().upper(),
+                       "outcome": result.outcome.value, "journal_id": result.entry_id})
+
+
+def on_passage(action: Callable[[], object]) -> TapListener:
+    """A TapListener that runs ``action`` after each tap that opened the gate."""
+
+    def listener(result: TapResult, seconds: float) -> None:
+        if result.opened:
+            action()
+
+    return listener
+
 
 class CardLoop:
     def __init__(self, *, reader: Reader, processor: TapProcessor,
-                 on_tap: Callable[[TapResult, float], None] | None = None,
-                 on_state: Callable[[ReaderState], None] | None = None) -> None:
+                 listeners: Sequence[TapListener] = (),
+                 reader_listeners: Sequence[ReaderListener] = ()) -> None:
         self._reader = reader
         self._processor = processor
-        self._on_tap = on_tap
-        self._on_state = on_state
+        self._listeners = tuple(listeners)
+        self._reader_listeners = tuple(reader_listeners)
         self.heartbeat = time.monotonic()
         self.taps = 0
         self.ready = threading.Event()  # the reader is open and interrupted debits settled
@@ -73,13 +103,14 @@ class CardLoop:
             finally:
                 link.release()
             self.taps += 1
-            if self._on_tap is not None:
-                self._on_tap(result, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            for listener in self._listeners:
+                listener(result, seconds)
 
     def _note_state(self) -> None:
         state = self._reader.state
         if state is not self._last_state:
             log.info("reader %s: %s", self._reader.name, state.value)
             self._last_state = state
-            if self._on_state is not None:
-                self._on_state(state)
+            for listener in self._reader_listeners:
+                listener(self._reader.name, state)

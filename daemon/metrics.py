@@ -19,6 +19,7 @@ from typing import Any
 
 from daemon.journal import Journal
 from daemon.outcome import Outcome, TapResult
+from hal.reader.base import ReaderState
 
 log = logging.getLogger("tapgate.metrics")
 
@@ -85,7 +86,14 @@ class Metrics:
         with self._lock:
             return self._tears
 
-    def render(self, journal: JournalGauges | None, recoveries: dict[str, int]) -> str:
+    def observe_reader(self, name: str, state: ReaderState) -> None:
+        """A ReaderListener (daemon.loop)."""
+        self.reader_up = int(state is ReaderState.READY)
+
+    def render(self, journal: JournalGauges | None, recoveries: Mapping[str, int], *,
+               beacon: Mapping[str, Any] | None = None) -> str:
+        """The exposition: the counters here, and the gauges of a health snapshot (the
+        journal's, the beacon task's state) when given."""
         with self._lock:
             taps = dict(self._taps)
             tears, buckets = self._tears, list(self._buckets)
@@ -129,6 +137,8 @@ class Metrics:
                 "# TYPE tapgate_sync_lag_seconds gauge",
                 f"tapgate_sync_lag_seconds {journal.sync_lag_s:.3f}",
             ]
+        if beacon is not None:
+            out += beacon_lines(beacon)
         return "\n".join(out) + "\n"
 
 

@@ -24,6 +24,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from hal.reader.base import ReaderState
+
 log = logging.getLogger("tapgate.notify")
 
 SEND_TIMEOUT_S = 1.0  # systemd reads its notify socket promptly; never block the loop long
@@ -68,6 +70,10 @@ class Notifier:
 
     def status(self, text: str) -> bool:
         return self.send(_status(text))
+
+    def observe_reader(self, name: str, state: ReaderState) -> None:
+        """A ReaderListener (daemon.loop): shown by ``systemctl status``."""
+        self.status(f"reader {name}: {state.value}")
 
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")

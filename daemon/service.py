@@ -4,49 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from daemon import __version__, backends, demo
-from daemon.config import Config
+from daemon import backends, demo
+from daemon.config import Config, GateConfig
+from daemon.health import HealthProbe
 from daemon.journal import Journal
-from daemon.loop import CardLoop
-from daemon.metrics import (
-    Metrics,
-    beacon_lines,
-    journal_gauges,
-    serve_http,
-    write_textfile,
-)
+from daemon.loop import CardLoop, ReaderListener, TapListener, log_tap, on_passage
+from daemon.metrics import Metrics, serve_http, write_textfile
 from daemon.notify import Notifier, run_watchdog
-from daemon.outcome import Outcome, TapResult
 from daemon.status import StatusBoard, run_status_writer
 from daemon.supervisor import supervise
 from daemon.sync.handlers import GateControl, effective_config
+from daemon.sync.info import PublicInfo
 from daemon.sync.retention import run_retention
 from daemon.tap import TapProcessor
 from hal.gate.base import GateIO
 from hal.gate.shared import SharedGateIO
-from hal.reader.base import Reader, ReaderState
+from hal.reader.base import Reader
 from hal.sam.base import Sam
 from protocol import devicekey
 from protocol.errors import TapgateError
 
 if TYPE_CHECKING:
     from daemon.beacon.controller import BeaconController
-    from daemon.sync.commands import Commands
+    from daemon.sync.commands import Commands, CommandStats
+    from daemon.sync.link import BrokerLink
     from daemon.sync.uplink import Uplink
 
 log = logging.getLogger("tapgate")
 STOP_GRACE_S = 10.0  # under the unit's TimeoutStopSec=20
 EXIT_HUNG = 70  # EX_SOFTWARE
-tap_log = logging.getLogger("tapgate.tap")
 
 
 @dataclass
@@ -62,64 +57,15 @@ class Gate:
     card_loop: CardLoop
     metrics: Metrics
     board: StatusBoard
+    health: HealthProbe
+    info: PublicInfo  # the gate's public info, retained on tapgate/v1/<gate>/info
     uplink: Uplink | None = None  # only with [mqtt] host set
     commands: Commands | None = None  # operators' commands: with the uplink
     beacon: BeaconController | None = None  # with [beacon] enabled
-    started: float = field(default_factory=time.monotonic)
 
     def render_metrics(self) -> str:
-        journal = journal_gauges(self.journal, time.time())
-        text = self.metrics.render(journal, self.journal.recovery_counts())
-        if self.beacon is not None:
-            text += "\n".join(beacon_lines(self.beacon.state())) + "\n"
-        return text
-
-    def telemetry(self) -> dict[str, Any]:
-        """What the retained status carries (read in the uplink's thread)."""
-        gauges = journal_gauges(self.journal, time.time())
-        disk = self.journal.disk_used_pct()
-        alarms: dict[str, str] = {}
-        if disk >= self.config.mqtt.disk_alarm_pct:
-            alarms["disk"] = (f"journal disk {disk:.1f}% full "
-                              f"(alarm at {self.config.mqtt.disk_alarm_pct:g}%)")
-        if self.processor.out_of_service:
-            alarms["out_of_service"] = self.processor.out_of_service
-        return {
-            "version": __version__,
-            "uptime_s": round(time.monotonic() - self.started, 1),
-            "taps": self.metrics.taps(),
-            "tears": self.metrics.tears,
-            "recoveries": self.journal.recovery_counts(),
-            "pending_sync": gauges.pending_sync,
-            "sync_lag_s": round(gauges.sync_lag_s, 3),
-            "pending_recoveries": gauges.pending_recoveries,
-            "reader": self.reader.state.value,
-            "journal": {"entries": gauges.entries, "bytes": gauges.bytes,
-                        "disk_used_pct": round(disk, 1)},
-            "alarms": alarms,
-            **({"beacon": self.beacon.state()} if self.beacon else {}),
-            **({"remote": self.commands.control.state(),
-                "commands": self.commands.stats.to_json()} if self.commands else {}),
-        }
-
-    def info(self) -> dict[str, Any]:
-        """The gate's public info, retained on tapgate/v1/<gate>/info: what the back office
-        shows a passenger whose phone heard this gate's beacon."""
-        from daemon.beacon.controller import info as beacon_info
-        from daemon.config import CARD_TYPES
-
-        gate = self.processor.gate_config
-        names = {code: name for name, code in CARD_TYPES.items()}
-        beacon = self.config.beacon
-        return {
-            "v": 1, "gate": gate.gate_id, "name": gate.name, "station": gate.station,
-            "ts_ms": int(time.time() * 1000),
-            "status": "out_of_service" if self.processor.out_of_service else "in_service",
-            "fares": {names.get(code, str(code)): fare for code, fare in gate.fares.items()},
-            "page_url": gate.page_url or beacon.url,
-            "beacon": (beacon_info(beacon, self.beacon.state() if self.beacon else None)
-                       if beacon.enabled else None),
-        }
+        health = self.health.snapshot()
+        return self.metrics.render(health.journal, health.recoveries, beacon=health.beacon)
 
     def close(self) -> None:
         for part in (self.reader, self.gateio, self.sam, self.journal):
@@ -129,15 +75,9 @@ class Gate:
                 log.exception("closing %s", type(part).__name__)
 
 
-def _report_tap(result: TapResult, seconds: float) -> None:
-    level = logging.INFO if result.outcome is not Outcome.OUT_OF_SERVICE else logging.ERROR
-    tap_log.log(level, "tap %s [%.1f ms]", result.describe(), seconds * 1000,
-                extra={"card_serial": (result.serial or b"").hex().upper(),
-                       "outcome": result.outcome.value, "journal_id": result.entry_id})
-
-
 def build(config: Config, notifier: Notifier | None = None) -> Gate:
-    """Construct backends (by name, through the registry) and open the journal."""
+    """Construct backends (by name, through the registry), open the journal, and wire
+    the parts: each is handed, when it is built, what it calls."""
     sam = backends.sam(config.sam)
     gateio = backends.gateio(config.gateio)
     reader = backends.reader(config.reader)
@@ -154,53 +94,65 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
                              reserve_bytes=config.journal.reserve_bytes)
     metrics = Metrics()
     board = StatusBoard(terminal_id=config.gate.terminal_id, reader_name=reader.name)
-    uplink: Uplink | None = None
-    if config.mqtt.enabled:
-        from daemon.sync.uplink import Uplink  # paho only when there is a broker
-
-        uplink = Uplink(config=config.mqtt, gate_id=config.gate.gate_id, journal=journal)
-
     beacon = _beacon(config, gateio)
+    info = PublicInfo(processor=processor, beacon_config=config.beacon, beacon=beacon)
+    link: BrokerLink | None = None
+    command_stats: CommandStats | None = None
+    if config.mqtt.enabled:
+        from daemon.sync.commands import CommandStats
+        from daemon.sync.link import BrokerLink  # paho only when there is a broker
 
-    def on_tap(result: TapResult, seconds: float) -> None:
-        metrics.observe_tap(result, seconds)
-        board.note_tap(result)
-        _report_tap(result, seconds)
-        if beacon is not None and result.opened:
-            beacon.trigger("tap")  # a phone can learn which gate it passed
-        if uplink is not None:
-            uplink.notify()  # never waits: the uplink's own thread reads the journal
+        link = BrokerLink(config=config.mqtt, gate_id=config.gate.gate_id)
+        command_stats = CommandStats()
+    health = HealthProbe(journal=journal, metrics=metrics, processor=processor, reader=reader,
+                         disk_alarm_pct=config.mqtt.disk_alarm_pct,
+                         reserve_bytes=config.journal.reserve_bytes,
+                         beacon=beacon.state if beacon is not None else None, broker=link,
+                         commands=command_stats.to_json if command_stats is not None else None)
+    uplink: Uplink | None = None
+    commands: Commands | None = None
+    if link is not None and command_stats is not None:
+        uplink, commands = _remote(config, journal=journal, gate_config=gate_config,
+                                   processor=processor, health=health, link=link,
+                                   command_stats=command_stats,
+                                   open_gate=shared_io.open_for_passage, beacon=beacon,
+                                   info=info)
 
-    def on_state(state: ReaderState) -> None:
-        metrics.reader_up = int(state is ReaderState.READY)
-        board.set_reader(reader.name, state)  # a PC/SC reader's name is known once found
-        if notifier is not None:
-            notifier.status(f"reader {reader.name}: {state.value}")
-
-    card_loop = CardLoop(reader=reader, processor=processor, on_tap=on_tap, on_state=on_state)
-    gate = Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, board,
-                uplink, beacon=beacon)
+    listeners: list[TapListener] = [metrics.observe_tap, board.observe_tap, log_tap]
+    if beacon is not None:
+        # a phone can learn which gate it passed
+        listeners.append(on_passage(functools.partial(beacon.trigger, "tap")))
     if uplink is not None:
-        from daemon.sync.commands import Commands
+        listeners.append(uplink.observe_tap)
+    reader_listeners: list[ReaderListener] = [metrics.observe_reader, board.set_reader]
+    if notifier is not None:
+        reader_listeners.append(notifier.observe_reader)
+    card_loop = CardLoop(reader=reader, processor=processor, listeners=listeners,
+                         reader_listeners=reader_listeners)
+    return Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, board,
+                health, info, uplink, commands, beacon)
 
-        uplink.telemetry = gate.telemetry
-        uplink.info = gate.info
-        link = uplink
 
-        def sync_now() -> dict[str, Any]:
-            link.sync_now()
-            return {"pending_sync": journal.pending_sync_count(), "connected": link.connected}
+def _remote(config: Config, *, journal: Journal, gate_config: GateConfig,
+            processor: TapProcessor, health: HealthProbe, link: BrokerLink,
+            command_stats: CommandStats, open_gate: Callable[[], None],
+            beacon: BeaconController | None, info: PublicInfo) -> tuple[Uplink, Commands]:
+    """The uplink and the operators' commands, on the broker ``link``."""
+    from daemon.sync.commands import Commands
+    from daemon.sync.uplink import SyncNow, Uplink
 
-        control = GateControl(processor=processor, config=gate_config,
-                              telemetry=gate.telemetry, sync_now=sync_now,
-                              open_gate=shared_io.open_for_passage,
-                              beacon=_command_trigger(beacon))
-        gate.commands = Commands(gate_id=config.gate.gate_id, operators=config.operators,
-                                 journal=journal, control=control, publish=uplink.publish)
-        uplink.on_command = gate.commands.submit
-        if not config.operators.keys:
-            log.warning("no [operators] keys: every operator command will be refused")
-    return gate
+    control = GateControl(processor=processor, config=gate_config, telemetry=health.telemetry,
+                          sync_now=SyncNow(journal, link), open_gate=open_gate,
+                          beacon=_command_trigger(beacon))
+    commands = Commands(gate_id=config.gate.gate_id, operators=config.operators,
+                        journal=journal, control=control, publish=link.publish,
+                        stats=command_stats)
+    uplink = Uplink(config=config.mqtt, gate_id=config.gate.gate_id, journal=journal,
+                    link=link, telemetry=control.status, info=info,
+                    on_command=commands.submit)
+    if not config.operators.keys:
+        log.warning("no [operators] keys: every operator command will be refused")
+    return uplink, commands
 
 
 def _beacon(config: Config, gateio: GateIO) -> BeaconController | None:
@@ -290,25 +242,10 @@ async def _serve(gate: Gate, notifier: Notifier) -> None:
             await asyncio.to_thread(commands.run, thread_stop)
 
         tasks["commands"] = remote_commands
+
     def probe() -> None:
         """Before each status write: what nobody reports by themselves."""
-        journal, config, board = gate.journal, gate.config, gate.board
-        board.set_alarm("journal disk below the reserve: no debit can start",
-                        journal.free_bytes() < config.journal.reserve_bytes)
-        board.set_alarm(f"journal disk over {config.mqtt.disk_alarm_pct:g}% full",
-                        journal.disk_used_pct() >= config.mqtt.disk_alarm_pct)
-        board.set_out_of_service(gate.processor.out_of_service)
-        if gate.beacon is not None:
-            b = gate.beacon.state()
-            board.set_beacon(
-                f"{b['mode']}, " + (f"on air ({', '.join(b['on_air'])})" if b["on_air"]
-                                    else "off air")
-                + (f"; {b['last_error']}" if b["last_error"] else ""))
-            board.set_alarm("beacon radio unavailable", bool(b["last_error"]))
-        if gate.uplink is not None:
-            broker = f"{config.mqtt.host}:{config.mqtt.port}"
-            board.set_broker_link(("connected to " if gate.uplink.connected
-                                   else "not connected to ") + broker)
+        gate.board.show_health(gate.health.snapshot(journal=False))
 
     async def status() -> None:
         await run_status_writer(gate.board, gate.config.journal.status_path,

@@ -21,11 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon import __version__
 from daemon.outcome import Outcome, TapResult
 from hal.reader.base import ReaderState
+
+if TYPE_CHECKING:
+    from daemon.health import Health
 
 log = logging.getLogger("tapgate.status")
 
@@ -106,6 +109,10 @@ class StatusBoard:
 
         self._change(apply)
 
+    def observe_tap(self, result: TapResult, seconds: float) -> None:
+        """A TapListener (daemon.loop): :meth:`note_tap`."""
+        self.note_tap(result)
+
     def set_out_of_service(self, reason: str) -> None:
         """Out of service for ``reason``; an empty reason puts the gate back in service."""
 
@@ -151,6 +158,24 @@ class StatusBoard:
             return bool(old != text)
 
         self._change(apply)
+
+    def show_health(self, health: Health) -> None:
+        """What nobody reports by themselves, as a health snapshot has it (the service
+        takes one before each write): the disk, service, the beacon, the broker."""
+        self.set_alarm("journal disk below the reserve: no debit can start",
+                       health.below_reserve)
+        self.set_alarm(f"journal disk over {health.disk_alarm_pct:g}% full", health.disk_alarm)
+        self.set_out_of_service(health.out_of_service)
+        beacon = health.beacon
+        if beacon is not None:
+            self.set_beacon(
+                f"{beacon['mode']}, " + (f"on air ({', '.join(beacon['on_air'])})"
+                                         if beacon["on_air"] else "off air")
+                + (f"; {beacon['last_error']}" if beacon["last_error"] else ""))
+            self.set_alarm("beacon radio unavailable", bool(beacon["last_error"]))
+        if health.broker is not None:
+            self.set_broker_link(("connected to " if health.broker_connected
+                                  else "not connected to ") + health.broker)
 
     def on_change(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` (from the setter's thread) after each change; returns the

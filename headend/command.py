@@ -31,9 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from headend.mqtt import Broker, connect_properties, new_client, publish_properties
+from headend.mqtt import Broker, new_client
 from protocol import contract
 from protocol.errors import ConfigError, SyncError
+from protocol.mqtt import connect_properties, publish_properties
 
 log = logging.getLogger("tapgate.headend.command")
 

@@ -43,11 +43,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from headend.beacons import STORED, BeaconDirectory
-from headend.mqtt import Broker, connect_properties, new_client, publish_properties
+from headend.mqtt import Broker, new_client
 from headend.store import Store, StoreError
 from headend.verdicts import VerifyingProcesses
 from headend.verify import Verifier
 from protocol import contract
+from protocol.mqtt import connect_properties, publish_properties
 
 log = logging.getLogger("tapgate.headend")
 

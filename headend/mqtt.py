@@ -1,4 +1,6 @@
-"""Connecting the head-end's MQTT v5 clients (paho-mqtt 2.x): broker address, TLS."""
+"""Connecting the head-end's MQTT v5 clients: the broker's address as operators write it,
+and a client that reconnects by itself. The client itself, TLS and the properties are
+the gate's too (protocol.mqtt)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from protocol import mqtt as transport
 from protocol.errors import ConfigError
+from protocol.mqtt import TlsFiles
 
 PLAIN_PORT = 1883
 TLS_PORT = 8883
@@ -75,37 +76,14 @@ def check_topic_level(what: str, name: str) -> str:
 
 
 def new_client(broker: Broker, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv5, manual_ack=manual_ack)
-    if broker.tls:
-        try:
-            client.tls_set(ca_certs=str(broker.tls_ca) if broker.tls_ca else None,
-                           certfile=str(broker.tls_cert) if broker.tls_cert else None,
-                           keyfile=str(broker.tls_key) if broker.tls_key else None)
-        except (OSError, ValueError) as err:
-            raise ConfigError("--tls-ca/--tls-cert/--tls-key", str(broker.tls_ca),
-                              f"cannot be used: {err}") from err
+    """A client for ``broker``, reconnecting by itself (paho's own loop: the head-end
+    has no outbox to drain between two connections)."""
+    tls = TlsFiles(broker.tls_ca, broker.tls_cert, broker.tls_key) if broker.tls else None
+    try:
+        client = transport.new_client(client_id, tls=tls, manual_ack=manual_ack)
+    except (OSError, ValueError) as err:
+        raise ConfigError("--tls-ca/--tls-cert/--tls-key", str(broker.tls_ca),
+                          f"cannot be used: {err}") from err
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.enable_logger(_PAHO_LOG)  # it says why a connection failed (TLS, refused)
     return client
-
-
-def connect_properties(*, receive_maximum: int | None = None,
-                       maximum_packet_size: int | None = None) -> Properties:
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 0
-    if receive_maximum is not None:
-        props.ReceiveMaximum = receive_maximum
-    if maximum_packet_size is not None:
-        props.MaximumPacketSize = maximum_packet_size
-    return props
-
-
-def publish_properties(*, response_topic: str | None = None,
-                       correlation: bytes | None = None) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if response_topic is not None:
-        props.ResponseTopic = response_topic
-    if correlation is not None:
-        props.CorrelationData = correlation
-    return props

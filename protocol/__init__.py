@@ -7,5 +7,6 @@ back office, byte for byte. It imports nothing else of tapgate's.
     devicekey  the gate's Ed25519 device key on disk
     contract   the MQTT contract: topics, batches, acks, commands, replies, status
     command    signed commands: parsing, verification, refusal reasons
+    mqtt       the MQTT v5 client both ends use: TLS, CONNECT and PUBLISH properties
     beacon/    BLE beacon frames and the Eddystone-EID rotating identifier
 """

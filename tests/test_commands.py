@@ -32,6 +32,7 @@ from daemon.journal import Journal
 from daemon.outcome import Outcome
 from daemon.sync.commands import Commands
 from daemon.sync.handlers import GateControl, effective_config
+from daemon.sync.link import BrokerLink
 from daemon.sync.uplink import Uplink
 from headend import command, keys
 from headend.mqtt import Broker
@@ -150,12 +151,10 @@ class TestGate:
         self.rig.config = effective_config(self.base, self.rig.journal)
         self.rig.processor.set_config(self.rig.config)
         journal = self.rig.journal
-        self.uplink = Uplink(config=mqtt_config(self.broker), gate_id=self.gate_id,
-                             journal=journal)
-        uplink = self.uplink
+        link = BrokerLink(config=mqtt_config(self.broker), gate_id=self.gate_id)
 
         def sync_now() -> dict[str, Any]:
-            uplink.sync_now()
+            link.wakeup.sync_now()
             return {"pending_sync": journal.pending_sync_count()}
 
         self.control = GateControl(processor=self.rig.processor, config=self.rig.config,
@@ -164,8 +163,10 @@ class TestGate:
         operators = OperatorsConfig(keys={o.key_id: bytes.fromhex(o.public_hex)
                                           for o in self.operators})
         self.commands = Commands(gate_id=self.gate_id, operators=operators, journal=journal,
-                                 control=self.control, publish=uplink.publish)
-        uplink.on_command = self.commands.submit
+                                 control=self.control, publish=link.publish)
+        self.uplink = Uplink(config=mqtt_config(self.broker), gate_id=self.gate_id,
+                             journal=journal, link=link, on_command=self.commands.submit)
+        uplink = self.uplink
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=uplink.run, args=(self._stop,)),
                          threading.Thread(target=self.commands.run, args=(self._stop,))]

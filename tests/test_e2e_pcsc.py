@@ -4,7 +4,7 @@ real tap processor, SQLite journal, software SAM and sim gate.
 
 Every test runs twice: once calling ``TapProcessor.handle`` on the link the reader hands
 out (``direct``), once with the daemon's :class:`CardLoop` running in its own thread and
-the test collecting what its ``on_tap`` reports (``loop``).
+the test collecting what its tap listener reports (``loop``).
 
 Time is a test :class:`Clock` shared by the processor, the journal and the cards; nothing
 asserts on wall-clock time, and every wait is bounded by a generous deadline.
@@ -149,7 +149,7 @@ class E2EGate:
     # -- the card loop thread -----------------------------------------------------------
     def _start_loop(self) -> None:
         self.loop = CardLoop(reader=self.reader, processor=self.processor,
-                             on_tap=lambda result, _seconds: self._results.put(result))
+                             listeners=[lambda result, _seconds: self._results.put(result)])
         loop = self.loop
 
         def run() -> None:

@@ -75,7 +75,7 @@ class Commands:
     """Verifies, applies and answers what operators send; one thread (:meth:`run`)."""
 
     def __init__(self, *, gate_id: str, operators: OperatorsConfig, journal: Journal,
-                 control: GateControl, publish: Publish,
+                 control: GateControl, publish: Publish, stats: CommandStats | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.gate_id = gate_id
         self.control = control
@@ -87,7 +87,7 @@ class Commands:
         self._desired_topic = contract.desired_topic(gate_id)
         self.desired = Desired(gate_id=gate_id, verifier=self.verifier, journal=journal,
                                control=control, publish=publish)
-        self.stats = CommandStats()
+        self.stats = stats if stats is not None else CommandStats()  # the health reads it
 
     def submit(self, incoming: Incoming) -> None:
         """From paho's thread: queue, never wait."""

@@ -62,6 +62,11 @@ class GateControl:
         self.config = config
         self.processor.set_config(config)
 
+    def status(self) -> Result:
+        """The status telemetry with what operators changed: the status command's
+        answer, and the retained status's telemetry (the uplink adds its own)."""
+        return {**self.telemetry(), "remote": self.state()}
+
     def state(self) -> Result:
         """What operators changed, as the status reports it."""
         fares = {str(k): v for k, v in sorted(self.config.fares.items())}
@@ -159,7 +164,7 @@ def sync_now(gate: GateControl, args: Mapping[str, Any], state: Control
 
 def report_status(gate: GateControl, args: Mapping[str, Any], state: Control
                   ) -> Callable[[], Result]:
-    return lambda: {**gate.telemetry(), "remote": gate.state()}
+    return gate.status
 
 
 def open_gate(gate: GateControl, args: Mapping[str, Any], state: Control
