@@ -4,6 +4,8 @@ section holds for it, as keyword arguments (never the config itself)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from daemon.beacon.config import BeaconConfig
 from daemon.config import GateIOConfig, ReaderConfig, SamConfig
 from hal import registry
@@ -32,10 +34,13 @@ def sam(section: SamConfig) -> Sam:
     raise registry.unknown("sam", section.backend)
 
 
-def gateio(section: GateIOConfig) -> GateIO:
+def gateio(section: GateIOConfig, *, on_button: Callable[[], object] | None = None) -> GateIO:
+    """``on_button``: what the gate's service button does (called from the driver's
+    thread)."""
     match section.backend:
         case "sim":
-            return registry.gateio("sim")(hang_after=section.sim_hang_after)
+            return registry.gateio("sim")(hang_after=section.sim_hang_after,
+                                          on_button=on_button)
     raise registry.unknown("gateio", section.backend)
 
 

@@ -79,9 +79,9 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
     """Construct backends (by name, through the registry), open the journal, and wire
     the parts: each is handed, when it is built, what it calls."""
     sam = backends.sam(config.sam)
-    gateio = backends.gateio(config.gateio)
+    beacon = _beacon(config)
+    gateio = backends.gateio(config.gateio, on_button=_button(beacon))
     reader = backends.reader(config.reader)
-    demo.start(reader, config)  # `make run`'s passengers, when [reader] asks for them
     signer = devicekey.load(config.journal.device_key) if config.journal.device_key else None
     journal = Journal(config.journal.path, signer=signer).open()
     gate_config = effective_config(config.gate, journal)  # with what operators set
@@ -94,7 +94,6 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
                              reserve_bytes=config.journal.reserve_bytes)
     metrics = Metrics()
     board = StatusBoard(terminal_id=config.gate.terminal_id, reader_name=reader.name)
-    beacon = _beacon(config, gateio)
     info = PublicInfo(processor=processor, beacon_config=config.beacon, beacon=beacon)
     link: BrokerLink | None = None
     command_stats: CommandStats | None = None
@@ -129,6 +128,7 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
         reader_listeners.append(notifier.observe_reader)
     card_loop = CardLoop(reader=reader, processor=processor, listeners=listeners,
                          reader_listeners=reader_listeners)
+    demo.start(reader, config)  # `make run`'s passengers, when [reader] asks for them
     return Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, board,
                 health, info, uplink, commands, beacon)
 
@@ -155,18 +155,20 @@ def _remote(config: Config, *, journal: Journal, gate_config: GateConfig,
     return uplink, commands
 
 
-def _beacon(config: Config, gateio: GateIO) -> BeaconController | None:
+def _beacon(config: Config) -> BeaconController | None:
     if not config.beacon.enabled:
         return None
     from daemon.beacon.controller import BeaconController
 
-    advertiser = backends.advertiser(config.beacon)
-    beacon = BeaconController(config=config.beacon, advertiser=advertiser)
-    def pressed() -> None:
-        beacon.trigger("button")
+    return BeaconController(config=config.beacon, advertiser=backends.advertiser(config.beacon))
 
-    gateio.on_button(pressed)
-    return beacon
+
+def _button(beacon: BeaconController | None) -> Callable[[], object] | None:
+    """What the gate's service button does: the beacon on air (a phone nearby learns
+    which gate this is)."""
+    if beacon is None:
+        return None
+    return functools.partial(beacon.trigger, "button")
 
 
 def _command_trigger(beacon: BeaconController | None

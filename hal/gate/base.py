@@ -1,9 +1,12 @@
-"""The gate I/O contract: open for one passage, show a signal, beep."""
+"""The gate I/O contract: open for one passage, show a signal, beep.
+
+A backend takes ``on_button`` (called from the driver's own thread whenever the gate's
+service button is pressed: it triggers the beacon) as a keyword argument when it is
+built."""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from typing import Protocol
 
 
@@ -24,10 +27,5 @@ class GateIO(Protocol):
         ...
 
     def beep(self, signal: Signal) -> None: ...
-
-    def on_button(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (from the driver's own thread) whenever the gate's service
-        button is pressed: it triggers the beacon."""
-        ...
 
     def close(self) -> None: ...

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 from hal.gate.base import GateIO, Signal
 
@@ -27,9 +26,6 @@ class SharedGateIO:
     def beep(self, signal: Signal) -> None:
         with self._lock:
             self._inner.beep(signal)
-
-    def on_button(self, callback: Callable[[], None]) -> None:
-        self._inner.on_button(callback)
 
     def close(self) -> None:
         self._inner.close()

@@ -20,14 +20,15 @@ class GateEvent:
 
 
 class SimGateIO:
-    def __init__(self, *, history: int = 1000, hang_after: int = 0) -> None:
+    def __init__(self, *, history: int = 1000, hang_after: int = 0,
+                 on_button: Callable[[], object] | None = None) -> None:
         self._lock = threading.Lock()
         self._hang_after = hang_after
         self._hung = threading.Event()
         self._history = history
         self.events: list[GateEvent] = []
         self.passages = 0
-        self._button: list[Callable[[], None]] = []
+        self._on_button = on_button
 
     def _record(self, event: GateEvent) -> None:
         with self._lock:
@@ -52,14 +53,11 @@ class SimGateIO:
     def beep(self, signal: Signal) -> None:
         self._record(GateEvent("beep", signal))
 
-    def on_button(self, callback: Callable[[], None]) -> None:
-        self._button.append(callback)
-
     def press_button(self) -> None:
         """The service button, pressed (a test, or the simulator's operator)."""
         self._record(GateEvent("button"))
-        for callback in list(self._button):
-            callback()
+        if self._on_button is not None:
+            self._on_button()
 
     def close(self) -> None:
         self._hung.set()
