@@ -92,6 +92,9 @@ def canonical_text(obj: Any) -> str:
     return _CANONICAL.encode(obj)
 
 
+_NO_ENTRIES = b'"entries":[]'
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """gate → head-end on .../tx: entries exactly as `tapgate journal export` prints them."""
@@ -106,9 +109,11 @@ class Batch:
     @staticmethod
     def wrap(gate: str, batch_id: str, entries_json: str) -> bytes:
         """:meth:`encode`, byte for byte, of entries already in canonical JSON and
-        comma-separated (the journal's ``unacked_wire``): the envelope goes around them."""
-        return b"".join((b'{"batch":', canonical(batch_id), b',"entries":[',
-                         entries_json.encode("ascii"), b'],"gate":', canonical(gate), b"}"))
+        comma-separated (the journal's ``unacked_wire``): the envelope is encode's own,
+        of no entries, and they go into its empty list."""
+        # No other '"entries":[]' can be in it: a quote inside a JSON string is escaped.
+        head, _, tail = Batch(gate, batch_id, []).encode().partition(_NO_ENTRIES)
+        return b"".join((head, _NO_ENTRIES[:-1], entries_json.encode("ascii"), b"]", tail))
 
     @classmethod
     def decode(cls, payload: bytes) -> Batch:

@@ -23,7 +23,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from json.encoder import encode_basestring_ascii as _json_str  # json.dumps's own
-from typing import Any
+from typing import Any, NamedTuple, get_args, get_type_hints
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -115,8 +115,32 @@ ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
 DRAFT_FIELDS = tuple(f.name for f in fields(Draft))
 
 
+# The wire form: an entry as JSON (Entry.to_json: what `tapgate journal export` prints,
+# what a batch carries to the head-end, what the chain hash is over), defined here once
+# from Entry's fields. Each field is a JSON integer, a JSON string, or bytes written as a
+# string of uppercase hex; any may be null. Canonical JSON writes the keys in sorted
+# order, WIRE_FORM's. What writes it elsewhere (the journal's SQL for the uplink, the
+# batch around the entries) is built from this and tested against to_json.
+WIRE_INT = "int"
+WIRE_TEXT = "text"
+WIRE_HEX = "hex"  # bytes, as uppercase hex
+
+
+class WireField(NamedTuple):
+    name: str
+    kind: str  # WIRE_INT | WIRE_TEXT | WIRE_HEX
+
+
+def _wire_kind(hint: Any) -> str:
+    (python_type,) = set(get_args(hint) or (hint,)) - {type(None)}
+    return {int: WIRE_INT, str: WIRE_TEXT, bytes: WIRE_HEX}[python_type]
+
+
+WIRE_FORM = tuple(sorted(WireField(name, _wire_kind(hint))
+                         for name, hint in get_type_hints(Entry).items()))
+
 _UNHASHED = frozenset(("hash", "sync_state", "sig"))
-_HASHED = tuple(sorted(name for name in ENTRY_FIELDS if name not in _UNHASHED))
+_HASHED = tuple(f.name for f in WIRE_FORM if f.name not in _UNHASHED)
 _HASHED_SET = frozenset(_HASHED)
 # what json.dumps writes before each value: "{" or ",", the key, ":"
 _KEY_PREFIXES = tuple(("{" if i == 0 else ",") + _json_str(name) + ":"
@@ -131,6 +155,7 @@ def wire_value(value: Any) -> Any:
 def wire_fields(items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """An entry's fields (name, value) in their JSON form (:func:`wire_value` each)."""
     pairs = items.items() if isinstance(items, Mapping) else items
+    # wire_value's rule written inline: this runs for every field of every append
     return {name: value.hex().upper() if isinstance(value, bytes) else value
             for name, value in pairs}
 

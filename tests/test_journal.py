@@ -255,13 +255,13 @@ def test_to_json_shape(tmp_path: Path) -> None:
 def test_a_cards_tears_are_found_through_their_own_index(tmp_path: Path) -> None:
     """Every tap asks for the card's pending tears: that must not read the card's whole
     history, so the query has to run on the partial index of torn entries."""
-    from daemon.journal.store import _PENDING_FOR_CARD
+    from daemon.journal.sql import PENDING_FOR_CARD
 
     path = tmp_path / "journal.db"
     with Journal(path):
         pass
     db = sqlite3.connect(path)
-    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _PENDING_FOR_CARD,
+    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + PENDING_FOR_CARD,
                                                     (serial_of(1),)))
     db.close()
     assert "USING INDEX entry_torn_by_card (card_serial=?)" in plan, plan
@@ -270,13 +270,13 @@ def test_a_cards_tears_are_found_through_their_own_index(tmp_path: Path) -> None
 def test_all_pending_tears_are_found_through_their_own_index(tmp_path: Path) -> None:
     """The card loop's sweep asks for every pending tear every few seconds: that must not
     read the whole journal either."""
-    from daemon.journal.store import _PENDING_ALL
+    from daemon.journal.sql import PENDING_ALL
 
     path = tmp_path / "journal.db"
     with Journal(path):
         pass
     db = sqlite3.connect(path)
-    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _PENDING_ALL))
+    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + PENDING_ALL))
     db.close()
     assert "SCAN t USING INDEX entry_torn_by_card" in plan, plan
 

@@ -105,7 +105,7 @@ def _frozen(step: int) -> tuple[str, ...]:
         def execute_sql(self, sql: str) -> None:
             statements.append(sql)
 
-    schema.MIGRATIONS[step](Recorder(), (None, None))  # type: ignore[arg-type]
+    schema.MIGRATIONS[step](Recorder())  # type: ignore[arg-type]
     return tuple(statements)
 
 

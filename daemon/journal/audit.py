@@ -1,7 +1,5 @@
 """Checking the journal (``tapgate journal verify``): SQLite's own integrity check, the
 hash chain and, given the device's public key, every entry's signature.
-
-Part of :class:`~daemon.journal.store.Journal` (a mixin on :class:`~daemon.journal.db._Db`).
 """
 
 from __future__ import annotations
@@ -12,7 +10,8 @@ from dataclasses import dataclass, field
 import peewee
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon.journal.db import _Db
+from daemon.journal import sql
+from daemon.journal.db import JournalDb
 from protocol.entry import GENESIS, Entry, chain_hash, signed_by
 from protocol.errors import JournalError
 
@@ -29,24 +28,27 @@ class VerifyReport:
         return not self.problems
 
 
-class _Audit(_Db):
+class Audit:
     """Checking: the journal verifies its own file, chain and signatures."""
+
+    def __init__(self, db: JournalDb) -> None:
+        self._db = db
 
     def verify(self, public_key: Ed25519PublicKey | None = None) -> VerifyReport:
         """Check SQLite's quick_check, the hash chain from the first entry kept and, given
         the device's public key, every entry's signature."""
         report = VerifyReport()
         try:
-            rows = self._sql("PRAGMA quick_check").fetchall()
+            rows = self._db.execute("PRAGMA quick_check").fetchall()
         except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
             report.problems.append(f"quick_check failed: {err}")
             return report
         report.problems.extend(f"quick_check: {r[0]}" for r in rows if r[0] != "ok")
         prev: Entry | None = None
-        anchor = self._meta.get_or_none(self._meta.key == "chain_anchor")
-        first_prev = bytes.fromhex(anchor.value) if anchor else GENESIS
+        anchor = self._db.meta(sql.CHAIN_ANCHOR)
+        first_prev = bytes.fromhex(anchor) if anchor is not None else GENESIS
         try:
-            for entry in self.entries():
+            for entry in self._db.entries():
                 report.entries += 1
                 if prev is None and entry.prev_hash != first_prev:
                     report.problems.append(

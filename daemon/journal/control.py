@@ -2,118 +2,107 @@
 deny list, config values, the desired state's version) and the highest sequence number
 applied from each operator key. It lives in the journal so that it survives a restart,
 and a command's check-and-record of its sequence number and the state it changes are
-one transaction (:meth:`Journal.control`): all or nothing, and a replay is refused.
-
-Part of :class:`~daemon.journal.store.Journal` (a mixin on :class:`~daemon.journal.db._Db`).
+one transaction (:meth:`RemoteState.control`): all or nothing, and a replay is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import peewee
+from daemon.journal import sql
+from daemon.journal.db import JournalDb
 
-from daemon.journal.db import _SET_META, _Db, _wrap
+DENY_VERSION = "deny_list_version"  # meta keys
+DESIRED_VERSION = "desired_version"
+_LAST_SEQ = "SELECT seq FROM command_seq WHERE key_id = ?"
+_CLAIM_SEQ = "INSERT OR REPLACE INTO command_seq (key_id, seq) VALUES (?, ?)"
+_DENIED = "SELECT serial FROM deny_list"
+_DENY = "INSERT OR IGNORE INTO deny_list (serial) VALUES (?)"
+_UNDENY = "DELETE FROM deny_list WHERE serial = ?"
+_REMOTE_CONFIG = "SELECT key, value FROM remote_config ORDER BY key"
+_SET_REMOTE_CONFIG = "INSERT OR REPLACE INTO remote_config (key, value) VALUES (?, ?)"
 
 
-class _RemoteState(_Db):
+class RemoteState:
     """Remote management (v5): what operators' commands changed."""
+
+    def __init__(self, db: JournalDb) -> None:
+        self._db = db
 
     def last_command_seq(self, key_id: str) -> int | None:
         """The highest sequence number applied from this operator key, if any."""
-        value = self._scalar("SELECT seq FROM command_seq WHERE key_id = ?", (key_id,))
+        value = self._db.scalar(_LAST_SEQ, (key_id,))
         return int(value) if value is not None else None
 
     def deny_list(self) -> tuple[int, frozenset[bytes]]:
         """The deny list's version and its card serials."""
-        try:
-            rows = self._sql("SELECT serial FROM deny_list").fetchall()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-        return _meta_int(self._scalar(_GET_META, (DENY_VERSION,))), frozenset(
-            bytes(r[0]) for r in rows)
+        rows = self._db.read(_DENIED)
+        return _meta_int(self._db.meta(DENY_VERSION)), frozenset(bytes(r[0]) for r in rows)
 
     def remote_config(self) -> dict[str, Any]:
         """Config values operators set (dotted gate.* key -> value), to re-apply at start."""
-        try:
-            rows = self._sql("SELECT key, value FROM remote_config ORDER BY key").fetchall()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
-            raise _wrap(err, "cannot read the journal") from err
-        return {str(k): json.loads(v) for k, v in rows}
+        return {str(k): json.loads(v) for k, v in self._db.read(_REMOTE_CONFIG)}
 
     def desired_version(self) -> int:
         """The version of the desired state (shadow) last applied; 0: none."""
-        return _meta_int(self._scalar(_GET_META, (DESIRED_VERSION,)))
+        return _meta_int(self._db.meta(DESIRED_VERSION))
 
     @contextlib.contextmanager
     def control(self) -> Iterator[Control]:
         """One committed, fsynced transaction under the writer lock, for a command's
         check-and-record (its sequence number) and the state it changes: all or nothing."""
-        with self._lock:
-            try:
-                with self._db.atomic():
-                    yield Control(self)
-            except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
-                raise _wrap(err, "cannot record a remote command") from err
-
-
-_GET_META = "SELECT value FROM meta WHERE key = ?"
-DENY_VERSION = "deny_list_version"
-DESIRED_VERSION = "desired_version"
-
-
-def _meta_int(value: Any) -> int:
-    return int(value) if value is not None else 0
+        with self._db.writing("cannot record a remote command"):
+            yield Control(self._db)
 
 
 class Control:
-    """Inside :meth:`Journal.control`: reads and writes of the remote management state."""
+    """Inside :meth:`RemoteState.control`: reads and writes of the remote management state
+    (SQLite's errors as they are: the transaction says what failed)."""
 
-    def __init__(self, journal: _Db) -> None:
-        self._journal = journal
-
-    def _sql(self, sql: str, params: Any = None) -> Any:
-        return self._journal._sql(sql, params)
+    def __init__(self, db: JournalDb) -> None:
+        self._db = db
 
     def claim_seq(self, key_id: str, seq: int) -> int | None:
         """Record ``seq`` as applied from ``key_id`` and return None, or, when it is not
         above the highest applied so far (a replay), write nothing and return that."""
-        row = self._sql("SELECT seq FROM command_seq WHERE key_id = ?", (key_id,)).fetchone()
+        row = self._db.execute(_LAST_SEQ, (key_id,)).fetchone()
         if row is not None and seq <= int(row[0]):
             return int(row[0])
-        self._sql("INSERT OR REPLACE INTO command_seq (key_id, seq) VALUES (?, ?)",
-                  (key_id, seq))
+        self._db.execute(_CLAIM_SEQ, (key_id, seq))
         return None
 
-    def savepoint(self) -> Any:
+    def savepoint(self) -> contextlib.AbstractContextManager[object]:
         """A nested transaction: what a refused command wrote is undone, its seq kept."""
-        return self._journal._db.atomic()
+        return self._db.transaction()
 
     def deny_version(self) -> int:
-        row = self._sql(_GET_META, (DENY_VERSION,)).fetchone()
-        return _meta_int(row[0] if row else None)
+        return self._meta_int(DENY_VERSION)
 
     def change_deny_list(self, version: int, add: Iterable[bytes],
                          remove: Iterable[bytes]) -> None:
         for serial in remove:
-            self._sql("DELETE FROM deny_list WHERE serial = ?", (serial,))
+            self._db.execute(_UNDENY, (serial,))
         for serial in add:
-            self._sql("INSERT OR IGNORE INTO deny_list (serial) VALUES (?)", (serial,))
-        self._sql(_SET_META, (DENY_VERSION, str(version)))
+            self._db.execute(_DENY, (serial,))
+        self._db.execute(sql.SET_META, (DENY_VERSION, str(version)))
 
     def set_remote_config(self, changes: dict[str, Any]) -> None:
         for key, value in changes.items():
-            self._sql("INSERT OR REPLACE INTO remote_config (key, value) VALUES (?, ?)",
-                      (key, json.dumps(value)))
+            self._db.execute(_SET_REMOTE_CONFIG, (key, json.dumps(value)))
 
     def desired_version(self) -> int:
-        row = self._sql(_GET_META, (DESIRED_VERSION,)).fetchone()
-        return _meta_int(row[0] if row else None)
+        return self._meta_int(DESIRED_VERSION)
 
     def set_desired_version(self, version: int) -> None:
-        self._sql(_SET_META, (DESIRED_VERSION, str(version)))
+        self._db.execute(sql.SET_META, (DESIRED_VERSION, str(version)))
 
+    def _meta_int(self, key: str) -> int:
+        row = self._db.execute(sql.GET_META, (key,)).fetchone()
+        return _meta_int(row[0] if row else None)
+
+
+def _meta_int(value: str | None) -> int:
+    return int(value) if value is not None else 0

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.journal.store import SQLITE_MAGIC
+from daemon.journal import sql
+from daemon.journal.db import SQLITE_MAGIC
 from protocol.entry import ENTRY_FIELDS, chain_hash, wire_fields
 from protocol.errors import JournalError
 
@@ -339,13 +340,12 @@ def _copy_meta(src: sqlite3.Connection, dst: sqlite3.Connection, report: Salvage
         report.notes.append("meta (chain anchor, terminal sequence) could not be read")
     for key, value in rows:
         with contextlib.suppress(sqlite3.DatabaseError):
-            dst.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-    stored = str(dict(rows).get("max_terminal_seq") or "")
+            dst.execute(sql.SET_META, (key, value))
+    stored = str(dict(rows).get(sql.MAX_TERMINAL_SEQ) or "")
     known = max(max_seq, int(stored) if stored.isdigit() else 0)
     if report.lost or report.tail_unknown:
         bound = known + report.lost_entries + (TAIL_PROBE if report.tail_unknown else 0)
-        dst.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('max_terminal_seq', ?)",
-                    (str(bound),))
+        dst.execute(sql.SET_META, (sql.MAX_TERMINAL_SEQ, str(bound)))
         report.max_terminal_seq = bound
         report.notes.append(f"terminal sequence numbers continue after {bound}: lost entries "
                             "may have used numbers up to it")

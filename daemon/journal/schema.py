@@ -1,4 +1,4 @@
-"""The journal's tables, bound per database, and its migrations.
+"""The journal's tables and their migrations.
 
 The schema version lives in ``PRAGMA user_version``. A journal from a newer tapgate is
 refused rather than guessed at; an older one is migrated in one transaction.
@@ -7,65 +7,13 @@ refused rather than guessed at; an older one is migrated in one transaction.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import peewee
 
 SCHEMA_VERSION = 5
 
-
-class _Base(peewee.Model):
-    pass
-
-
-def bind(db: peewee.SqliteDatabase) -> tuple[Any, Any]:
-    """Fresh model classes bound to ``db`` (several journals may live in one process)."""
-
-    class EntryRow(_Base):
-        id = peewee.AutoField()
-        uuid = peewee.CharField(max_length=32, unique=True)
-        kind = peewee.CharField(max_length=16)
-        state = peewee.CharField(max_length=16)
-        terminal_id = peewee.BlobField()
-        amount = peewee.BigIntegerField()
-        reason = peewee.TextField(null=True)
-        card_serial = peewee.BlobField(null=True)
-        card_type = peewee.IntegerField(null=True)
-        balance_before = peewee.BigIntegerField(null=True)
-        balance_after = peewee.BigIntegerField(null=True)
-        card_counter = peewee.IntegerField(null=True)
-        card_random = peewee.BlobField(null=True)
-        terminal_seq = peewee.BigIntegerField(null=True)
-        tx_date = peewee.CharField(max_length=8, null=True)
-        tx_time = peewee.CharField(max_length=6, null=True)
-        mac2 = peewee.BlobField(null=True)
-        tac = peewee.BlobField(null=True)
-        ref = peewee.IntegerField(null=True, index=True)
-        created_ms = peewee.BigIntegerField()
-        prev_hash = peewee.BlobField()
-        hash = peewee.BlobField()
-        sig = peewee.BlobField(null=True)  # Ed25519 over hash, by the gate's device key (v2)
-        # when the head-end acknowledged it (v3); sync state, not part of the entry or its hash
-        acked_ms = peewee.BigIntegerField(null=True)
-
-        class Meta:
-            database = db
-            table_name = "entry"
-            indexes = ((("card_serial", "id"), False),)
-
-    class MetaRow(_Base):
-        key = peewee.CharField(primary_key=True)
-        value = peewee.TextField()
-
-        class Meta:
-            database = db
-            table_name = "meta"
-
-    return EntryRow, MetaRow
-
-
-# Each migration is frozen DDL: what the schema was at that version, whatever the models
-# say today, so an old journal and a new one end up with the same tables.
+# Each migration is frozen DDL: what the schema was at that version, so an old journal
+# and a new one end up with the same tables.
 _V1 = (
     'CREATE TABLE "entry" ("id" INTEGER NOT NULL PRIMARY KEY, "uuid" VARCHAR(32) NOT NULL, '
     '"kind" VARCHAR(16) NOT NULL, "state" VARCHAR(16) NOT NULL, "terminal_id" BLOB NOT NULL, '
@@ -79,8 +27,11 @@ _V1 = (
     'CREATE INDEX "entryrow_card_serial_id" ON "entry" ("card_serial", "id")',
     'CREATE TABLE "meta" ("key" VARCHAR(255) NOT NULL PRIMARY KEY, "value" TEXT NOT NULL)',
 )
+# v2: each entry's signature (Ed25519 over its hash, by the gate's device key), outside
+# the hash.
 _V2 = ('ALTER TABLE "entry" ADD COLUMN "sig" BLOB',)
-# v3: sync state. The uplink reads the unacknowledged entries in id order through the
+# v3: sync state (when the head-end acknowledged an entry: not part of the entry or its
+# hash). The uplink reads the unacknowledged entries in id order through the
 # partial index, which holds only them: it stays small however long the journal grows.
 _V3 = (
     'ALTER TABLE "entry" ADD COLUMN "acked_ms" INTEGER',
@@ -106,16 +57,15 @@ _V5 = (
 )
 
 
-def _ddl(*statements: str) -> Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]:
-    def migrate(db: peewee.SqliteDatabase, models: tuple[Any, Any]) -> None:
-        del models
+def _ddl(*statements: str) -> Callable[[peewee.SqliteDatabase], None]:
+    def migrate(db: peewee.SqliteDatabase) -> None:
         for statement in statements:
             db.execute_sql(statement)  # type: ignore[no-untyped-call]
 
     return migrate
 
 
-MIGRATIONS: dict[int, Callable[[peewee.SqliteDatabase, tuple[Any, Any]], None]] = {
+MIGRATIONS: dict[int, Callable[[peewee.SqliteDatabase], None]] = {
     1: _ddl(*_V1),
     2: _ddl(*_V2),
     3: _ddl(*_V3),
