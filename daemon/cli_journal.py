@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from daemon.config import Config
-from daemon.journal import Journal, schema
+from daemon.journal import Journal, schema, sql
 from daemon.journal.store import SQLITE_MAGIC
 from protocol import devicekey
 from protocol.entry import (
@@ -35,6 +35,7 @@ from protocol.entry import (
     SYNC_SYNCED,
     TORN,
     Entry,
+    wire_value,
 )
 from protocol.errors import ConfigError, JournalError
 
@@ -146,10 +147,7 @@ class JournalView:
 
     def pending_recoveries(self) -> list[Entry]:
         """Torn debits no recovery settled yet, oldest first."""
-        rows = self._query(
-            f"{self._select} AS t WHERE t.kind = '{KIND_DEBIT}' AND t.state = '{TORN}' "
-            "AND NOT EXISTS (SELECT 1 FROM entry AS r "
-            f"WHERE r.ref = t.id AND r.kind = '{KIND_RECOVERY}') ORDER BY t.id")
+        rows = self._query(f"{self._select} AS t WHERE {sql.PENDING_TEAR} ORDER BY t.id")
         return [self.entry(row) for row in rows]
 
 
@@ -159,7 +157,7 @@ _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _hex(value: bytes) -> str:
-    return '"' + value.hex().upper() + '"'
+    return f'"{wire_value(value)}"'
 
 
 def _null(value: None) -> str:

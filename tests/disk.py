@@ -58,7 +58,7 @@ def fill_journal(journal: Journal, serial: bytes | None) -> int:
     """Make the journal's database full with SQLite's max_page_count: cap it at its size,
     then append small refusals of card ``serial`` until no more fit (they land in the same
     table and index pages as the next entry of that card would). Returns how many went in."""
-    db: Any = journal._db  # the cap is per connection: it must be the journal's own
+    db: Any = journal.db.database  # the cap is per connection: it must be the journal's own
     pages = int(db.execute_sql("PRAGMA page_count").fetchone()[0])
     db.execute_sql(f"PRAGMA max_page_count = {pages}")
     written = failures = 0
@@ -74,5 +74,5 @@ def fill_journal(journal: Journal, serial: bytes | None) -> int:
 
 
 def unfill_journal(journal: Journal) -> None:
-    db: Any = journal._db
+    db: Any = journal.db.database
     db.execute_sql("PRAGMA max_page_count = 1073741823")

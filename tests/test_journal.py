@@ -471,7 +471,7 @@ def test_anti_passback_from_memory_is_the_journals_answer(
                 answer = journal.last_accepted_ms(serial, after_ms=after)
                 assert answer == exact or (answer is None and exact is not None
                                             and exact <= after), (serial, after)
-                from_memory += after >= journal._passages_floor_ms
+                from_memory += after >= journal.db.passages_floor_ms
     finally:
         journal.close()
     assert from_memory > 100  # the memory did answer, not only SQLite
@@ -490,7 +490,7 @@ def test_entries_get_random_uuids(tmp_path: Path) -> None:
 
 def test_an_append_inside_an_open_transaction_is_part_of_it(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
-    with Journal(path) as journal, journal._db.atomic():
+    with Journal(path) as journal, journal.db.database.atomic():
         journal.append(refusal("committed with its transaction"))
     with Journal(path) as journal:
         assert [e.reason for e in journal.entries()] == ["committed with its transaction"]

@@ -110,7 +110,7 @@ def _frozen(step: int) -> tuple[str, ...]:
 
 
 def test_the_unacked_backlog_is_read_through_the_partial_index(journal: Journal) -> None:
-    plan = journal._sql("EXPLAIN QUERY PLAN SELECT id FROM entry INDEXED BY entry_unacked "
+    plan = journal.db.execute("EXPLAIN QUERY PLAN SELECT id FROM entry INDEXED BY entry_unacked "
                         "WHERE acked_ms IS NULL AND id > 0 ORDER BY id LIMIT 5").fetchall()
     assert "entry_unacked" in str(plan)
 
@@ -157,7 +157,7 @@ def test_unacked_wire_is_byte_for_byte_the_batch_python_encodes(tmp_path: Path) 
         for sql in ("amount = 0.1 + 0.2", "mac2 = 'not hex'", "card_type = x'01FF'", "tac = x''",
                     "terminal_seq = 9223372036854775807", "uuid = 'odd,uuid'"):
             odd.append(j.append(intent(len(odd))).id)
-            j._sql(f"UPDATE entry SET {sql} WHERE id = ?", (odd[-1],))
+            j.db.execute(f"UPDATE entry SET {sql} WHERE id = ?", (odd[-1],))
         plain = j.append(refusal()).id
         for limit in (1, 4, 100):
             after, seen = 0, []
@@ -172,11 +172,11 @@ def test_unacked_wire_is_byte_for_byte_the_batch_python_encodes(tmp_path: Path) 
             assert seen == [e.id for e in j.entries()]
         # A batch of ordinary entries is one statement, one row: no Python per entry.
         statements: list[str] = []
-        j._db.connection().set_trace_callback(statements.append)
+        j.db.database.connection().set_trace_callback(statements.append)
         try:
             assert j.unacked_wire(odd[-1], 10) == j.unacked_wire(plain - 1, 10)
         finally:
-            j._db.connection().set_trace_callback(None)
+            j.db.database.connection().set_trace_callback(None)
         assert len(statements) == 2
         assert j.unacked_wire(plain, 10) is None
     finally:
@@ -187,18 +187,18 @@ def test_mark_acked_ids_is_one_update_per_run_in_one_commit(journal: Journal,
                                                             clock: Clock) -> None:
     ids = [journal.append(refusal()).id for _ in range(20)]
     seen: list[str] = []
-    journal._db.connection().set_trace_callback(seen.append)
+    journal.db.database.connection().set_trace_callback(seen.append)
     try:
         # runs 0-4, 7-11, 15 and an id the journal does not have; 0 twice
         assert journal.mark_acked_ids([*ids[7:12], ids[15], *ids[0:5], 10_000, ids[0]]) == 11
     finally:
-        journal._db.connection().set_trace_callback(None)
+        journal.db.database.connection().set_trace_callback(None)
     assert sum(s.strip().upper().startswith("COMMIT") for s in seen) == 1
     assert sum(s.strip().upper().startswith("UPDATE") for s in seen) == 4
     assert journal.mark_acked_ids(ids[0:6]) == 1  # only ids[5] is new
     assert journal.mark_acked_ids([]) == 0
     assert [e.id for e in journal.unacked(0, 100)] == [ids[6], *ids[12:15], *ids[16:]]
-    acked = journal._sql("SELECT DISTINCT acked_ms FROM entry WHERE acked_ms IS NOT NULL"
+    acked = journal.db.execute("SELECT DISTINCT acked_ms FROM entry WHERE acked_ms IS NOT NULL"
                          ).fetchall()
     assert acked == [(int(clock() * 1000),)]
 
@@ -212,18 +212,18 @@ def test_mark_acked_counts_only_newly_acknowledged_known_entries(journal: Journa
     assert journal.mark_acked([]) == 0
     assert journal.pending_sync_count() == 1
     assert [e.uuid for e in journal.unacked(0, 10)] == [c.uuid]
-    first_ack = journal._sql("SELECT acked_ms FROM entry WHERE id = ?", (a.id,)).fetchone()[0]
+    first_ack = journal.db.execute("SELECT acked_ms FROM entry WHERE id = ?", (a.id,)).fetchone()[0]
     assert first_ack == int(clock() * 1000)
 
 
 def test_mark_acked_is_one_commit(journal: Journal) -> None:
     uuids = [journal.append(refusal()).uuid for _ in range(50)]
     seen: list[str] = []
-    journal._db.connection().set_trace_callback(seen.append)
+    journal.db.database.connection().set_trace_callback(seen.append)
     try:
         assert journal.mark_acked(uuids) == 50
     finally:
-        journal._db.connection().set_trace_callback(None)
+        journal.db.database.connection().set_trace_callback(None)
     assert sum(s.strip().upper().startswith("COMMIT") for s in seen) == 1
     assert sum(s.strip().upper().startswith("UPDATE") for s in seen) == 50
 
@@ -241,7 +241,7 @@ def test_the_sync_state_is_outside_the_hash(journal: Journal) -> None:
     acks set); the back office's recheck of the hash ignores it."""
     a, b = journal.append(intent(1)), journal.append(refusal())
     journal.mark_acked([a.uuid])
-    states = dict(journal._sql("SELECT id, acked_ms IS NOT NULL FROM entry").fetchall())
+    states = dict(journal.db.execute("SELECT id, acked_ms IS NOT NULL FROM entry").fetchall())
     assert states == {a.id: 1, b.id: 0}
     for entry, state in ((a, SYNC_SYNCED), (b, SYNC_PENDING)):
         doc = {**entry.to_json(), "sync_state": state}
@@ -302,7 +302,7 @@ def test_prune_removes_acked_old_entries_from_the_start_and_keeps_the_chain(
     assert [e.id for e in journal.entries()] == [e.id for e in young]
     report = journal.verify()
     assert report.ok and report.entries == 3
-    anchor = journal._sql("SELECT value FROM meta WHERE key = 'chain_anchor'").fetchone()[0]
+    anchor = journal.db.execute("SELECT value FROM meta WHERE key = 'chain_anchor'").fetchone()[0]
     assert bytes.fromhex(anchor) == old[-1].hash
     assert journal.prune(cutoff) == 0  # nothing more is old enough
     nxt = journal.append(refusal())

@@ -85,7 +85,7 @@ def test_sqlite_writes_each_entry_as_to_json_byte_for_byte(
             out = journal.unacked_wire(entry.id - 1, 1)
             assert out is not None
             assert (out.ids, out.uuids, out.json) == ([entry.id], [entry.uuid], expected)
-            [(text,)] = journal._sql(f"SELECT {sql.WIRE_JSON} FROM entry WHERE id = ?",
+            [(text,)] = journal.db.execute(f"SELECT {sql.WIRE_JSON} FROM entry WHERE id = ?",
                                      (entry.id,)).fetchall()
             taken = text.isascii() and "\\" not in text and "\x7f" not in text
             assert taken == (not _needs_escape(entry.reason)), entry.reason

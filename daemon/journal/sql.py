@@ -50,16 +50,16 @@ PRUNE_THROUGH = "DELETE FROM entry WHERE id <= ?"
 
 # -- a tap's story (indexes: entry(card_serial, id), entry(ref), and the partial index of
 # torn debits, entry_torn_by_card) ---------------------------------------------------------
-# A torn debit no recovery entry closes yet: the card must come back.
-_PENDING_TEAR = f"""t.kind = '{KIND_DEBIT}' AND t.state = '{TORN}'
+# A torn debit (``t``) no recovery entry closes yet: the card must come back.
+PENDING_TEAR = f"""t.kind = '{KIND_DEBIT}' AND t.state = '{TORN}'
       AND NOT EXISTS (SELECT 1 FROM entry AS r WHERE r.ref = t.id AND r.kind = '{KIND_RECOVERY}')"""
 PENDING_FOR_CARD = f"""
     SELECT {COLUMNS} FROM entry AS t
-    WHERE t.card_serial = ? AND {_PENDING_TEAR}
+    WHERE t.card_serial = ? AND {PENDING_TEAR}
     ORDER BY t.id"""
 PENDING_ALL = f"""
     SELECT {COLUMNS} FROM entry AS t INDEXED BY entry_torn_by_card
-    WHERE {_PENDING_TEAR}
+    WHERE {PENDING_TEAR}
     ORDER BY t.id"""
 # An intent no completion or tear follows: the process died mid-debit.
 _DANGLING_INTENT = f"""i.kind = '{KIND_DEBIT}' AND i.state = '{INTENT}'
@@ -99,7 +99,7 @@ MARK_ACKED_RUN = "UPDATE entry SET acked_ms = ? WHERE id BETWEEN ? AND ? AND ack
 # what goes; a pending tear keeps its intent too.
 FIRST_YOUNG_ID = "SELECT id FROM entry WHERE created_ms >= ? ORDER BY id LIMIT 1"
 FIRST_PENDING_TEAR_ID = (f"SELECT MIN(MIN(t.id, COALESCE(t.ref, t.id))) FROM entry AS t "
-                         f"WHERE {_PENDING_TEAR}")
+                         f"WHERE {PENDING_TEAR}")
 FIRST_DANGLING_INTENT_ID = f"SELECT MIN(i.id) FROM entry AS i WHERE {_DANGLING_INTENT}"
 
 

@@ -16,13 +16,11 @@ audit (:mod:`.audit`) and the files (:mod:`.files`: checkpoints, sizes).
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import peewee
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from daemon.journal import sql
@@ -49,23 +47,25 @@ class Journal:
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
                  signer: Ed25519PrivateKey | None = None) -> None:
         self.path = Path(path)
-        self._core = JournalDb(self.path, clock=clock, signer=signer,
+        # the part every other part holds; public for tools and tests that look under the
+        # facade (a query plan, a trace of the SQL, a page cap to fill the disk)
+        self.db = JournalDb(self.path, clock=clock, signer=signer,
                                passages_kept_ms=PASSAGES_KEPT_MS,
                                passages_loaded=PASSAGES_LOADED)
-        self._outbox = Outbox(self._core)
-        self._remote = RemoteState(self._core)
-        self._audit = Audit(self._core)
-        self._files = Files(self._core)
+        self._outbox = Outbox(self.db)
+        self._remote = RemoteState(self.db)
+        self._audit = Audit(self.db)
+        self._files = Files(self.db)
         self._opened = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def open(self) -> Journal:
-        self._core.open()
+        self.db.open()
         self._opened = True
         return self
 
     def close(self) -> None:
-        self._core.close()
+        self.db.close()
         self._files.closed()
         self._opened = False
 
@@ -78,7 +78,7 @@ class Journal:
     # -- the card loop: writing ------------------------------------------------------------
     def next_terminal_seq(self) -> int:
         """The terminal sequence number the next intent will carry (never reused)."""
-        return self._core.next_terminal_seq()
+        return self.db.next_terminal_seq()
 
     def append(self, draft: Draft, *, durable: bool = True) -> Entry:
         """Write one entry, commit it and fsync; return it as stored.
@@ -86,12 +86,12 @@ class Journal:
         ``durable=False``: committed without the fsync. The entry is then in the
         kernel's hands: it survives this process dying, not a power cut, until
         :meth:`sync` (or any durable append after it) makes it durable too."""
-        return self._core.append([draft], durable=durable)[0]
+        return self.db.append([draft], durable=durable)[0]
 
     def append_many(self, drafts: Iterable[Draft]) -> list[Entry]:
         """Write several entries in one committed, fsynced transaction (imports, tests and
         benchmarks; the card loop appends one at a time)."""
-        return self._core.append(list(drafts))
+        return self.db.append(list(drafts))
 
     def sync(self) -> None:
         """fsync the WAL: every commit so far survives a power cut too."""
@@ -99,24 +99,24 @@ class Journal:
 
     @property
     def tail_id(self) -> int:
-        return self._core.tail_id
+        return self.db.tail_id
 
     # -- the card loop: reading ------------------------------------------------------------
     def get(self, entry_id: int) -> Entry | None:
-        found = self._core.read_entries(sql.GET, (entry_id,))
+        found = self.db.read_entries(sql.GET, (entry_id,))
         return found[0] if found else None
 
     def entries(self, after_id: int = 0, batch: int = 1000) -> Iterator[Entry]:
         """Every entry in id order, read in batches (constant memory on big journals)."""
-        return self._core.entries(after_id, batch)
+        return self.db.entries(after_id, batch)
 
     def pending_recoveries(self, serial: bytes | None = None) -> list[Entry]:
         """Torn debits not yet resolved, oldest first; for one card or for all."""
-        return self._core.pending_tears(serial)
+        return self.db.pending_tears(serial)
 
     def dangling_intents(self) -> list[Entry]:
         """Intents that no completion or tear follows: the process died mid-debit."""
-        return self._core.read_entries(sql.DANGLING_INTENTS)
+        return self.db.read_entries(sql.DANGLING_INTENTS)
 
     def last_accepted_ms(self, serial: bytes, *, after_ms: int | None = None) -> int | None:
         """When this card last went through this gate (a recognised debit or a free pass).
@@ -125,15 +125,15 @@ class Journal:
         a last passage at or before it may be answered with None. Asked on every tap,
         this is answered from memory whenever memory reaches back that far.
         """
-        return self._core.last_accepted_ms(serial, after_ms)
+        return self.db.last_accepted_ms(serial, after_ms)
 
     def count(self) -> int:
-        return int(self._core.scalar(sql.COUNT))
+        return int(self.db.scalar(sql.COUNT))
 
     def recovery_counts(self) -> dict[str, int]:
         """How the tears were settled: recovered / unproven / not_debited / uncertain ->
         count."""
-        return {str(state): int(n) for state, n in self._core.read(sql.RECOVERY_COUNTS)}
+        return {str(state): int(n) for state, n in self.db.read(sql.RECOVERY_COUNTS)}
 
     # -- the files -------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -213,15 +213,3 @@ class Journal:
         """Check SQLite's quick_check, the hash chain from the first entry kept and, given
         the device's public key, every entry's signature."""
         return self._audit.verify(public_key)
-
-    # -- what tests reach into -------------------------------------------------------------
-    @property
-    def _db(self) -> peewee.SqliteDatabase:
-        return self._core.database
-
-    def _sql(self, statement: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self._core.execute(statement, params)
-
-    @property
-    def _passages_floor_ms(self) -> int:
-        return self._core.passages_floor_ms
