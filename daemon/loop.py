@@ -30,7 +30,9 @@ SWEEP_EVERY_S = 5.0
 CHECKPOINT_IDLE_S = 1.0  # when idle, fold the WAL back at most this often
 
 # After each tap, in the card loop's thread, with what came of it and how long it took
-# (card in the field to outcome shown). The next passenger waits for it: it must not.
+# (card in the field to outcome shown). The next passenger waits for it: it must not
+# block. One that raises is logged and the others still run: a listener's fault never
+# stops the taps.
 TapListener = Callable[[TapResult, float], None]
 # When the reader's state changes, with the reader's name (a PC/SC reader's is known
 # once it is found).
@@ -105,12 +107,22 @@ class CardLoop:
             self.taps += 1
             seconds = time.perf_counter() - started
             for listener in self._listeners:
-                listener(result, seconds)
+                try:
+                    listener(result, seconds)
+                except Exception:
+                    log.exception("tap listener %s failed", _name(listener))
 
     def _note_state(self) -> None:
         state = self._reader.state
         if state is not self._last_state:
             log.info("reader %s: %s", self._reader.name, state.value)
             self._last_state = state
-            for listener in self._reader_listeners:
-                listener(self._reader.name, state)
+            for reader_listener in self._reader_listeners:
+                try:
+                    reader_listener(self._reader.name, state)
+                except Exception:
+                    log.exception("reader listener %s failed", _name(reader_listener))
+
+
+def _name(listener: Callable[..., object]) -> str:
+    return getattr(listener, "__qualname__", None) or repr(listener)

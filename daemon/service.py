@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from daemon import backends, demo
+from daemon import backends
 from daemon.config import Config, GateConfig
 from daemon.health import HealthProbe
 from daemon.journal import Journal
@@ -128,7 +128,10 @@ def build(config: Config, notifier: Notifier | None = None) -> Gate:
         reader_listeners.append(notifier.observe_reader)
     card_loop = CardLoop(reader=reader, processor=processor, listeners=listeners,
                          reader_listeners=reader_listeners)
-    demo.start(reader, config)  # `make run`'s passengers, when [reader] asks for them
+    if config.reader.backend == "sim":  # `make run`'s passengers, when [reader] asks
+        from daemon import demo  # the simulator's cards: not on a gate with a real reader
+
+        demo.start(reader, config)
     return Gate(config, journal, reader, sam, gateio, processor, card_loop, metrics, board,
                 health, info, uplink, commands, beacon)
 
