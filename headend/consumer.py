@@ -7,10 +7,13 @@ broker (manual ack). A head-end that dies anywhere before the ack leaves the bat
 unacknowledged; the gate sends it again and the store's dedupe makes that harmless.
 
 What is checked before the ack: that each entry is one (a uuid; the rest is kept aside),
-dedupe on the uuid, and the chain link to the gate's previous entry. Each entry's hash,
-signature and TAC are checked after the ack by verifying processes
-(:mod:`headend.verdicts`): an Ed25519 check costs more than storing the entry, and a gate
-draining a backlog waits for acks, not for verdicts. Until its verdicts are written an
+dedupe on the uuid, and the chain link to the gate's previous entry; and, for a gate
+whose device key the head-end has, that the entry is the gate's own (hash, signature,
+and TAC with them): an ack must never name a copy someone else published on the gate's
+topic, or the gate would take it as stored and prune its own (:mod:`headend.store`).
+The entries of gates without a key have their hash, signature and TAC checked after the
+ack by verifying processes (:mod:`headend.verdicts`): a gate draining a backlog waits
+for acks, not for verdicts. Until its verdicts are written an
 entry's hash, signature and TAC read ``pending`` (in the database, ``export`` and
 ``gates``), and the ack's ``problems`` name only what was found before it (a broken
 chain, a reused id, a uuid stored with other content); a resend's ack names what is
@@ -36,6 +39,7 @@ import queue
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -46,7 +50,7 @@ from headend.beacons import STORED, BeaconDirectory
 from headend.mqtt import Broker, new_client
 from headend.store import Store, StoreError
 from headend.verdicts import VerifyingProcesses
-from headend.verify import Verifier
+from headend.verify import Verifier, printable
 from protocol import contract
 from protocol.mqtt import connect_properties, publish_properties
 
@@ -185,40 +189,47 @@ class Consumer:
             log.error("%s", err)
 
     def _handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
-        gate = _gate_of(msg.topic)
-        if msg.topic == contract.info_topic(gate):
-            self._info(gate, bytes(msg.payload))
-            return
         props = msg.properties
-        response = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        reply = self.take(msg.topic, bytes(msg.payload),
+                          response=getattr(props, "ResponseTopic", None) if props else None,
+                          correlation=getattr(props, "CorrelationData", None) if props else None)
+        if reply is not None:
+            client.publish(reply.topic, reply.ack.encode(), qos=1,
+                           properties=publish_properties(correlation=reply.correlation))
+
+    def take(self, topic: str, payload: bytes, *, response: str | None = None,
+             correlation: bytes | None = None) -> Reply | None:
+        """Store one message (a batch, or a gate's info); the ack to publish, if any."""
+        gate = _gate_of(topic)
+        if topic == contract.info_topic(gate):
+            self._info(gate, payload)
+            return None
         try:
-            batch = contract.Batch.decode(bytes(msg.payload))
+            batch = contract.Batch.decode(payload)
             if len(batch.entries) > MAX_BATCH_ENTRIES:
                 raise ValueError(f"{len(batch.entries)} entries, more than a gate sends "
                                  f"({MAX_BATCH_ENTRIES})")
         except (ValueError, KeyError, TypeError, RecursionError) as err:
             log.warning("message on %s is not a batch (%s): kept aside, not acknowledged",
-                        msg.topic, err)
-            self.store.reject_payload(gate=gate, payload=bytes(msg.payload),
-                                      why=f"not a batch: {err}", stored_by=self.client_id)
-            return
+                        topic, printable(str(err)))
+            self.store.reject_payload(gate=gate, payload=payload, why=f"not a batch: {err}",
+                                      stored_by=self.client_id)
+            return None
         notes = []
         if batch.gate != gate:
             notes.append(f"the batch says gate {batch.gate} but came on the topic of {gate}")
-        verifying = self._verifying
         stored = self.store.store_batch(gate=gate, batch_id=batch.batch_id,
-                                        entries=batch.entries,
-                                        verifier=self.verifier if verifying is None else None,
+                                        entries=batch.entries, verifier=self.verifier,
+                                        after_ack=self._verifying is not None,
                                         stored_by=self.client_id, notes=notes)
         self.batches += 1
         self.entries += stored.new
+        name = printable(batch.batch_id)  # what a log line (UTF-8) can hold
         log.info("batch %s of %s: %d new, %d already stored, %d rejected, %d suspect",
-                 batch.batch_id, gate, stored.new, stored.duplicates, stored.rejected,
+                 name, gate, stored.new, stored.duplicates, stored.rejected,
                  len(stored.problems))
         if self._crash_after_store is not None and self.batches >= self._crash_after_store:
-            log.warning("test hook: killed after storing batch %s, before its ack",
-                        batch.batch_id)
+            log.warning("test hook: killed after storing batch %s, before its ack", name)
             os.kill(os.getpid(), signal.SIGKILL)
         ack = contract.Ack(batch_id=batch.batch_id, stored=stored.stored,
                            problems=stored.problems)
@@ -228,10 +239,10 @@ class Consumer:
             # batch must not make the head-end publish on another gate's topics.
             if response:
                 log.warning("batch %s of %s asks for its ack on %s: sent to %s instead",
-                            batch.batch_id, gate, response, contract.ack_topic(gate))
+                            name, gate, response, contract.ack_topic(gate))
             response = contract.ack_topic(gate)
-        client.publish(response, ack.encode(), qos=1, properties=publish_properties(
-            correlation=correlation if correlation else batch.batch_id.encode()))
+        return Reply(topic=response, ack=ack, correlation=correlation if correlation else
+                     batch.batch_id.encode("utf-8", "surrogatepass"))
 
     def _info(self, gate: str, payload: bytes) -> None:
         """A gate's retained info: into the beacon directory (a malformed one is refused
@@ -246,6 +257,15 @@ class Consumer:
             log.exception("info of %s refused: it broke the directory", gate)
             return
         self.infos += outcome == STORED
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The ack of one batch: where it goes, and its correlation data."""
+
+    topic: str
+    ack: contract.Ack
+    correlation: bytes
 
 
 def _gate_of(topic: str) -> str:

@@ -6,23 +6,35 @@ PostgreSQL (``postgresql://...``, through playhouse.db_url). One batch is one tr
 1. the gate's row is upserted first. On PostgreSQL that row lock serialises the batches of
    one gate across head-end instances, so the chain check of one never misses the entries
    another is committing; SQLite's BEGIN IMMEDIATE serialises all writers anyway;
-2. entries whose uuid is already stored are duplicates (a resend): acknowledged again,
-   never stored twice. The insert itself is INSERT ... ON CONFLICT (uuid) DO NOTHING, and
-   a count that falls short (another instance stored one of them meanwhile) retries the
-   batch, which then sees them as duplicates;
+2. entries whose uuid is already stored with the same content under the same gate are
+   duplicates (a resend): acknowledged again, never stored twice. The insert itself is
+   INSERT ... ON CONFLICT (uuid) DO NOTHING, and a count that falls short (another
+   instance stored one of them meanwhile) retries the batch, which then sees them as
+   duplicates;
 3. each new entry's chain link is checked when its predecessor (same gate, id - 1) is
    stored, in this batch or before; otherwise it stays ``pending`` and the batch that
    brings the predecessor settles it: entries may arrive in any order across batches;
-4. nothing is dropped: an entry without a uuid, or a uuid already stored with other
-   content, goes to the ``rejected`` table with the reason.
+4. nothing is dropped: an entry without a uuid, or that cannot be stored as one, goes to
+   the ``rejected`` table with the reason (once, however often it is resent).
+
+An ack names only entries stored with the content the gate sent, under that gate: a
+forged copy must never take a gate's entry from it, nor make the gate prune it. So an
+entry of a gate whose device key the head-end has is checked before it is stored; one
+the key disproves (hash or signature) takes no uuid and is kept aside, unacknowledged. A
+uuid already held by another content, or another gate, is the stored copy's, unless the
+gate's key proves the new copy and the stored copy's gate's key does not: then the
+stored copy (a forgery that came first, e.g. while the gate had no key here) is moved
+aside and the gate's own takes its place. Without the gate's key neither can be proven:
+the first copy keeps the uuid and the other is kept aside, unacknowledged (the gate
+keeps it and sends it again; once its key is given, that resend settles the matter).
 
 The caller acknowledges the batch only after :meth:`Store.store_batch` returned, i.e.
 after the commit. Each entry's hash, signature and TAC are checked before that commit
-when a verifier is given; without one (the consumer's way: an Ed25519 check costs more
-than storing the entry) they are stored ``pending`` and :meth:`Store.record_verdicts`
-writes them later, from the verifying processes of :mod:`headend.verdicts`. A partial
-index holds exactly the entries still pending, so finding them costs what is pending,
-not the table; ``gates`` counts them per gate.
+when a verifier is given; the consumer checks so only the entries of gates with a key,
+and stores the rest ``pending`` (an Ed25519 check costs more than storing the entry):
+:meth:`Store.record_verdicts` writes them later, from the verifying processes of
+:mod:`headend.verdicts`. A partial index holds exactly the entries still pending, so
+finding them costs what is pending, not the table; ``gates`` counts them per gate.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from urllib.parse import urlparse
 import peewee
 from playhouse import db_url
 
-from headend import verify
+from headend import schema, verify
 from headend.verify import PENDING_VERDICT, Parsed, Verdict, Verifier
 from protocol.errors import ConfigError, TapgateError
 
@@ -48,79 +60,13 @@ log = logging.getLogger("tapgate.headend.store")
 
 SCHEMA_VERSION = 1
 CHUNK = 500  # rows or parameters per statement, far below every database's limit
+BATCH_ID = 128  # the batch column's width: a longer batch id is kept cut, in the rows only
 RETRIES = 8
+TWICE = "the uuid twice in one batch, with other content (kept aside)"
 
 
 class StoreError(TapgateError):
     """The head-end's database cannot be opened, read or written."""
-
-
-def _tables(db: peewee.Database) -> tuple[Any, Any, Any, Any]:
-    """Model classes bound to ``db`` (several stores may live in one process)."""
-
-    class EntryRow(peewee.Model):
-        id = peewee.AutoField()
-        gate = peewee.CharField(max_length=64)
-        uuid = peewee.CharField(max_length=verify.MAX_UUID, unique=True)
-        entry_id = peewee.BigIntegerField(null=True)  # the gate's journal id
-        kind = peewee.CharField(max_length=32, null=True)
-        state = peewee.CharField(max_length=32, null=True)
-        prev_hash = peewee.CharField(max_length=64, null=True)
-        hash = peewee.CharField(max_length=64, null=True)
-        created_ms = peewee.BigIntegerField(null=True)
-        entry_json = peewee.TextField()  # the fields as the gate exported them
-        batch = peewee.CharField(max_length=128)  # the batch that first brought it
-        received_ms = peewee.BigIntegerField()
-        stored_by = peewee.CharField(max_length=128)  # the head-end instance
-        hash_state = peewee.CharField(max_length=16)
-        sig_state = peewee.CharField(max_length=16)
-        tac_state = peewee.CharField(max_length=16)
-        chain_state = peewee.CharField(max_length=16)
-        notes = peewee.TextField(null=True)  # JSON list: problems beyond the four checks
-        problems = peewee.TextField(null=True)  # the flag: NULL when clean, else the reasons
-
-        class Meta:
-            database = db
-            table_name = "entry"
-            indexes = ((("gate", "entry_id"), False),)
-
-    class GateRow(peewee.Model):
-        gate = peewee.CharField(max_length=64, primary_key=True)
-        entries = peewee.BigIntegerField(default=0)
-        head_id = peewee.BigIntegerField(default=0)  # the highest entry id stored
-        contiguous_through = peewee.BigIntegerField(default=0)  # ids 1..n all stored
-        pending = peewee.BigIntegerField(default=0)  # entries waiting for their predecessor
-        broken = peewee.BigIntegerField(default=0)  # links that do not hold
-        first_seen_ms = peewee.BigIntegerField()
-        last_seen_ms = peewee.BigIntegerField()
-
-        class Meta:
-            database = db
-            table_name = "gate"
-
-    class RejectedRow(peewee.Model):
-        id = peewee.AutoField()
-        gate = peewee.CharField(max_length=64)
-        batch = peewee.CharField(max_length=128)
-        uuid = peewee.CharField(max_length=verify.MAX_UUID, null=True)
-        payload = peewee.TextField()
-        why = peewee.TextField()
-        received_ms = peewee.BigIntegerField()
-        stored_by = peewee.CharField(max_length=128)
-
-        class Meta:
-            database = db
-            table_name = "rejected"
-
-    class MetaRow(peewee.Model):
-        key = peewee.CharField(max_length=64, primary_key=True)
-        value = peewee.TextField()
-
-        class Meta:
-            database = db
-            table_name = "meta"
-
-    return EntryRow, GateRow, RejectedRow, MetaRow
 
 
 def open_database(url: str) -> peewee.Database:
@@ -171,7 +117,7 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.db = open_database(url)
-        self._entry, self._gate, self._rejected, self._meta = _tables(self.db)
+        self._entry, self._gate, self._rejected, self._meta = schema.tables(self.db)
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> Store:
@@ -180,7 +126,8 @@ class Store:
             with self.db.atomic():
                 self.db.create_tables([self._entry, self._gate, self._rejected, self._meta],
                                       safe=True)
-                self._execute(_UNVERIFIED_INDEX, ())
+                self._execute(schema.UNVERIFIED_INDEX, ())
+                self._execute(schema.REJECTED_INDEX, ())
                 row = self._meta.get_or_none(self._meta.key == "schema_version")
                 if row is None:
                     self._meta.create(key="schema_version", value=str(SCHEMA_VERSION))
@@ -213,15 +160,20 @@ class Store:
 
     def store_batch(self, *, gate: str, batch_id: str, entries: Iterable[object],
                     verifier: Verifier | None, stored_by: str, notes: Sequence[str] = (),
-                    received_ms: int | None = None) -> Stored:
+                    received_ms: int | None = None, after_ack: bool = False) -> Stored:
         """Store one batch in one transaction; return once it is committed.
 
-        ``verifier``: check each new entry's hash, signature and TAC first; None: store
-        them ``pending``, for :meth:`record_verdicts`. The chain link is checked here
-        either way. ``notes``: problems of the whole batch (e.g. it names another gate
-        than its topic), recorded on each of its entries.
+        ``verifier``: check each new entry's hash, signature and TAC first, and settle a
+        uuid two copies claim (:meth:`_contest`); ``after_ack`` (the consumer's way): check
+        first only the entries of gates whose key the verifier has (an ack must name only
+        what the gate itself sent), store the rest ``pending`` for :meth:`record_verdicts`.
+        None: store every new entry ``pending``. The chain link is checked here either
+        way. ``notes``: problems of the whole batch (e.g. it names another gate than its
+        topic), recorded on each of its entries.
         """
         now = received_ms if received_ms is not None else int(time.time() * 1000)
+        batch_id = verify.printable(batch_id)[:BATCH_ID]
+        notes = [verify.printable(n) for n in notes]
         parsed: list[Parsed] = []
         malformed: list[tuple[object, str]] = []
         for obj in entries:
@@ -230,23 +182,26 @@ class Store:
                 malformed.append((obj, p))
             else:
                 parsed.append(p)
+        checking = verifier if verifier is not None and (
+            not after_ack or verifier.has_key(gate)) else None
         # Checked before the transaction, so that instances sharing the database do not
         # verify signatures one at a time under its lock; entries already stored (a
         # resend) are not checked again. One that another instance stores meanwhile is
         # simply a duplicate; one that arrives here unchecked is checked in the transaction.
-        verdicts: dict[str, Verdict] = {}
-        if verifier is not None:
+        verdicts: dict[str, Verdict] = {}  # by content: a uuid may come with two
+        if checking is not None:
             try:
-                held = set(self._known([p.uuid for p in parsed]))
+                held = {u: (g, t) for u, (_, g, t, _) in
+                        self._known([p.uuid for p in parsed]).items()}
             except peewee.PeeweeException:
-                held = set()
-            verdicts = {p.uuid: verifier.verify(gate, p) for p in parsed
-                        if p.uuid not in held}
+                held = {}
+            verdicts = {p.text: checking.verify(gate, p) for p in parsed
+                        if held.get(p.uuid) != (gate, p.text)}
         for attempt in range(RETRIES):
             try:
                 with self.db.atomic():
-                    return self._store(gate, batch_id, parsed, malformed, verdicts, verifier,
-                                       list(notes), now, stored_by)
+                    return self._store(gate, batch_id, parsed, malformed, dict(verdicts),
+                                       checking, verifier, notes, now, stored_by)
             except _Raced:
                 log.info("batch %s of %s raced another head-end; again", batch_id, gate)
             except peewee.OperationalError as err:  # locked past the busy timeout, link lost
@@ -261,56 +216,135 @@ class Store:
 
     def _store(self, gate: str, batch_id: str, parsed: list[Parsed],
                malformed: list[tuple[object, str]], verdicts: dict[str, Verdict],
-               verifier: Verifier | None, notes: list[str], now: int,
+               checking: Verifier | None, keys: Verifier | None, notes: list[str], now: int,
                stored_by: str) -> Stored:
-        self._sql(_LOCK_GATE, (gate, now, now))
+        self._sql(schema.LOCK_GATE, (gate, now, now))
         result = Stored()
         rejects: list[dict[str, Any]] = []
 
-        def reject(uuid: str | None, payload: object, why: str) -> None:
+        def reject(uuid: str | None, payload: object, why: str, of: str = gate) -> None:
             text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True)
-            rejects.append(dict(gate=gate, batch=batch_id, uuid=uuid, payload=text, why=why,
-                                received_ms=now, stored_by=stored_by))
+            rejects.append(dict(gate=of, batch=batch_id, uuid=uuid, payload=text,
+                                why=verify.printable(why), received_ms=now,
+                                stored_by=stored_by))
 
-        for obj, why in malformed:
-            reject(None, obj, why)
+        def verdict(p: Parsed) -> Verdict:
+            if p.text not in verdicts:
+                verdicts[p.text] = (checking.verify(gate, p) if checking is not None
+                                    else PENDING_VERDICT)
+            return verdicts[p.text]
+
+        for obj, reason in malformed:
+            reject(None, obj, reason)
         known = self._known([p.uuid for p in parsed])
         new: list[Parsed] = []
-        in_batch: dict[str, Parsed] = {}
-        twice: dict[str, list[str]] = defaultdict(list)  # uuid -> notes for its first copy
-        for p in parsed:
-            first = in_batch.get(p.uuid)
-            if first is not None:
-                if first.text != p.text:
-                    why = "the uuid twice in one batch, with other content (kept aside)"
-                    reject(p.uuid, p.fields, why)
-                    twice[p.uuid].append(why)
-                    result.problems[p.uuid] = why
-                continue
-            in_batch[p.uuid] = p
-            result.stored.append(p.uuid)
-            held = known.get(p.uuid)
-            if held is None:
-                new.append(p)
-            elif held[:2] == (gate, p.text):
+        displaced: list[tuple[str, int | None]] = []  # (gate, entry id) of rows moved aside
+        twice: dict[str, list[str]] = defaultdict(list)  # uuid -> notes for the copy kept
+        for uuid, copies in _copies(parsed).items():
+            p = copies[0]
+            if len(copies) > 1:
+                # one uuid with other content twice in a batch: the copy the gate's key
+                # proves (the first when none or both are), the others kept aside
+                p = next((c for c in copies if verify.proven(verdict(c))), p)
+                for other in copies:
+                    if other is not p:
+                        reject(uuid, other.fields, TWICE)
+                twice[uuid].append(TWICE)
+            held = known.get(uuid)
+            if held is not None and held[1:3] == (gate, p.text):
+                result.stored.append(uuid)
                 result.duplicates += 1
-                if held[2]:
-                    result.problems[p.uuid] = held[2]
-            else:
-                why = "the uuid is already stored with other content (kept aside)"
-                reject(p.uuid, p.fields, why)
-                result.problems[p.uuid] = why
-        result.rejected = len(rejects)
-        if rejects:
-            self._rejected.insert_many(rejects).execute()
+                if held[3] or twice[uuid]:
+                    result.problems[uuid] = "; ".join(filter(None, [held[3], *twice[uuid]]))
+                continue
+            why = verify.disproof(verdict(p)) if checking is not None else None
+            if why is not None:  # a copy the gate's key disproves takes no uuid
+                reject(uuid, p.fields, why + " (kept aside)")
+                result.problems[uuid] = why
+                continue
+            if held is not None:
+                why = self._contest(held, gate, keys)
+                if why is not None:
+                    reject(uuid, p.fields, why)
+                    result.problems[uuid] = why
+                    continue
+                reject(uuid, held[2], f"displaced by {gate}'s own signed copy: not the "
+                       "gate's (kept aside)", of=held[1])
+                displaced.append(self._delete(held[0]))
+            new.append(p)
+            result.stored.append(uuid)
+            if twice[uuid]:
+                result.problems[uuid] = "; ".join(twice[uuid])
+        result.rejected = self._keep_rejects(rejects)
         if new:
-            for p in new:
-                if p.uuid not in verdicts:
-                    verdicts[p.uuid] = (verifier.verify(gate, p) if verifier is not None
-                                        else PENDING_VERDICT)
-            self._insert_new(gate, batch_id, new, verdicts, notes, twice, now, stored_by,
-                             result)
+            self._insert_new(gate, batch_id, new, {p.uuid: verdict(p) for p in new}, notes,
+                             twice, now, stored_by, result)
+        for of, entry_id in displaced:
+            self._relink(of, entry_id)
         return result
+
+    @staticmethod
+    def _contest(held: tuple[int, str, str, str | None], gate: str,
+                 keys: Verifier | None) -> str | None:
+        """A copy of a uuid already stored with other content, or under another gate, that
+        the gate's key proves (:func:`verify.disproof` came first): None when it displaces
+        the stored copy, which the key of the gate it is stored under does not prove (a
+        forged copy that came first, undone), else why it is kept aside, unacknowledged:
+        an ack names only what is stored as the gate sent it."""
+        if keys is None or not keys.has_key(gate):
+            return ("the uuid is already stored with other content; without the gate's "
+                    "key neither copy can be proven the gate's (kept aside)")
+        if not verify.proven(keys.verify_fields(held[1], json.loads(held[2]))):
+            return None
+        return "the uuid is already stored with other content (kept aside)"
+
+    def _delete(self, row_id: int) -> tuple[str, int | None]:
+        """Move a displaced copy out of the gate's counts; its successor is linked again
+        once the batch's entries are in (:meth:`_relink`)."""
+        ((gate, entry_id, chain),) = self._sql(schema.ROW, (row_id,))
+        self._sql(schema.DELETE, (row_id,))
+        ((head,),) = self._sql(schema.HEAD, (gate,))
+        below = entry_id - 1 if entry_id is not None else 1 << 62
+        self._sql(schema.UNCOUNT, (int(chain == verify.CHAIN_PENDING),
+                             int(chain == verify.CHAIN_BROKEN), head or 0, below, below, gate))
+        return gate, entry_id
+
+    def _relink(self, gate: str, entry_id: int | None) -> None:
+        """The successor of a displaced entry: its link checked again against what holds
+        that id now (the gate's own copy, or none: it waits)."""
+        if entry_id is None:
+            return
+        hashes = [h for (_, h) in self._sql(schema.HASHES + schema.params([entry_id]),
+                                            (gate, entry_id))]
+        delta = {verify.CHAIN_PENDING: 0, verify.CHAIN_BROKEN: 0}
+        for row_id, prev_hash, old, h, s, t, notes in self._sql(schema.NEXT, (gate, entry_id + 1)):
+            chain = (verify.CHAIN_PENDING if not hashes else verify.CHAIN_LINKED
+                     if prev_hash in hashes else verify.CHAIN_BROKEN)
+            reasons = verify.problems(h, s, t, chain, json.loads(notes) if notes else [])
+            self._sql(schema.SETTLE, (chain, _flag(reasons), row_id))
+            for state, sign in ((old, -1), (chain, 1)):
+                if state in delta:
+                    delta[state] += sign
+        ((through,),) = self._sql(schema.THROUGH, (gate,))
+        self._sql(schema.RECOUNT, (delta[verify.CHAIN_PENDING], delta[verify.CHAIN_BROKEN],
+                             self._contiguous(gate, through), gate))
+
+    def _keep_rejects(self, rejects: list[dict[str, Any]]) -> int:
+        """Insert what was kept aside, but not again what a resend brings again (a gate
+        resends an entry no ack named until one does)."""
+        seen: set[tuple[str, str, str]] = set()
+        uuids = sorted({r["uuid"] for r in rejects if r["uuid"] is not None})
+        for chunk in _chunks(uuids):
+            seen.update(self._sql(schema.REJECTED + schema.params(chunk), chunk))
+        fresh = []
+        for r in rejects:
+            key = (r["gate"], r["uuid"], r["payload"])
+            if r["uuid"] is None or key not in seen:
+                seen.add(key)
+                fresh.append(r)
+        for chunk in _chunks(fresh, CHUNK // 8):
+            self._rejected.insert_many(chunk).execute()
+        return len(rejects)
 
     def _insert_new(self, gate: str, batch_id: str, new: list[Parsed],
                     verdicts: dict[str, Verdict], notes: list[str],
@@ -325,7 +359,7 @@ class Store:
         wanted = sorted({i for p in new if p.entry_id is not None
                          for i in (p.entry_id, p.entry_id - 1)})
         for chunk in _chunks(wanted):
-            for entry_id, digest in self._sql(_HASHES + _in(chunk), (gate, *chunk)):
+            for entry_id, digest in self._sql(schema.HASHES + schema.params(chunk), (gate, *chunk)):
                 hashes[entry_id].append(digest)
                 stored_ids.add(entry_id)
         rows: list[dict[str, Any]] = []
@@ -356,17 +390,18 @@ class Store:
             raise _Raced()
         result.new = inserted
         resolved_pending, newly_broken = self._settle_successors(gate, new, hashes)
-        ((head, through),) = self._sql(_GATE, (gate,))
+        ((head, through),) = self._sql(schema.GATE, (gate,))
         ids = [p.entry_id for p in new if p.entry_id is not None]
-        self._sql(_UPDATE_GATE, (inserted, pending - resolved_pending, broken + newly_broken,
+        self._sql(schema.UPDATE_GATE, (inserted, pending - resolved_pending, broken + newly_broken,
                                  max([head, *ids]), self._contiguous(gate, through), gate))
 
-    def _known(self, uuids: list[str]) -> dict[str, tuple[str, str, str | None]]:
-        """uuid -> (gate, entry JSON, problems) of those already stored."""
-        known: dict[str, tuple[str, str, str | None]] = {}
+    def _known(self, uuids: list[str]) -> dict[str, tuple[int, str, str, str | None]]:
+        """uuid -> (row id, gate, entry JSON, problems) of those already stored."""
+        known: dict[str, tuple[int, str, str, str | None]] = {}
         for chunk in _chunks(sorted(set(uuids))):
-            for uuid, g, text, problems in self._sql(_KNOWN + _in(chunk), chunk):
-                known[uuid] = (g, text, problems)
+            for row_id, uuid, g, text, problems in self._sql(
+                    schema.KNOWN + schema.params(chunk), chunk):
+                known[uuid] = (int(row_id), g, text, problems)
         return known
 
     def _insert_ignoring_known(self, rows: Sequence[dict[str, Any]]) -> int:
@@ -375,7 +410,7 @@ class Store:
         costs more than SQLite's own work on it."""
         columns = list(rows[0])
         names = ", ".join(f'"{c}"' for c in columns)
-        values = ", ".join([_in(columns)] * len(rows))
+        values = ", ".join([schema.params(columns)] * len(rows))
         sql = f'INSERT INTO "entry" ({names}) VALUES {values} ON CONFLICT ("uuid") DO NOTHING'
         params = [row[c] for row in rows for c in columns]
         return int(self._execute(sql, params).rowcount)
@@ -386,12 +421,13 @@ class Store:
         after = sorted({p.entry_id + 1 for p in new if p.entry_id is not None})
         settled = broken = 0
         for chunk in _chunks(after):
-            waiting = self._sql(_WAITING + _in(chunk), (gate, verify.CHAIN_PENDING, *chunk))
+            waiting = self._sql(schema.WAITING + schema.params(chunk),
+                                (gate, verify.CHAIN_PENDING, *chunk))
             for row_id, entry_id, prev_hash, h, s, t, notes in waiting:
                 chain = (verify.CHAIN_LINKED if prev_hash in hashes[entry_id - 1]
                          else verify.CHAIN_BROKEN)
                 reasons = verify.problems(h, s, t, chain, json.loads(notes) if notes else [])
-                self._sql(_SETTLE, (chain, _flag(reasons), row_id))
+                self._sql(schema.SETTLE, (chain, _flag(reasons), row_id))
                 settled += 1
                 broken += chain == verify.CHAIN_BROKEN
         return settled, broken
@@ -399,7 +435,7 @@ class Store:
     def _contiguous(self, gate: str, through: int) -> int:
         """The highest n such that the gate's ids 1..n are all stored."""
         while True:
-            ids = [i for (i,) in self._sql(_AFTER, (gate, through, CHUNK))]
+            ids = [i for (i,) in self._sql(schema.AFTER, (gate, through, CHUNK))]
             for entry_id in ids:
                 if entry_id != through + 1:
                     return through
@@ -415,7 +451,7 @@ class Store:
         modulo ``parts`` (several verifying processes share the work that way)."""
         try:
             return [(int(i), str(g), str(t)) for i, g, t in self._sql(
-                _UNVERIFIED, (parts, parts, part, limit))]
+                schema.UNVERIFIED, (parts, parts, part, limit))]
         except peewee.PeeweeException as err:
             raise StoreError(f"cannot read {self.url}: {err}") from err
 
@@ -444,10 +480,11 @@ class Store:
         raise AssertionError("unreachable")
 
     def _record(self, gate: str, verdicts: dict[int, Verdict]) -> int:
-        self._sql(_HOLD_GATE, (gate,))
+        self._sql(schema.HOLD_GATE, (gate,))
         updates: list[tuple[Any, ...]] = []
         for chunk in _chunks(sorted(verdicts)):
-            for row_id, chain, notes in self._sql(_STILL_PENDING + _in(chunk), chunk):
+            for row_id, chain, notes in self._sql(
+                    schema.STILL_PENDING + schema.params(chunk), chunk):
                 v = verdicts[row_id]
                 extra = [*(json.loads(notes) if notes else []), *v.notes]
                 reasons = verify.problems(v.hash, v.sig, v.tac, chain, extra)
@@ -455,7 +492,7 @@ class Store:
                                 _flag(reasons), row_id))
         if updates:
             cursor = self.db.cursor()  # type: ignore[no-untyped-call]
-            cursor.executemany(_VERDICTS.replace("?", self.db.param), updates)
+            cursor.executemany(schema.VERDICTS.replace("?", self.db.param), updates)
         return len(updates)
 
     def reject_payload(self, *, gate: str, payload: bytes, why: str, stored_by: str) -> None:
@@ -506,55 +543,21 @@ class Store:
         verdicts (``unverified``)."""
         G = self._gate
         try:
-            waiting = {str(g): int(n) for g, n in self._sql(_UNVERIFIED_PER_GATE, ())}
+            waiting = {str(g): int(n) for g, n in self._sql(schema.UNVERIFIED_PER_GATE, ())}
             return [{**row, "unverified": waiting.get(row["gate"], 0)}
                     for row in G.select().order_by(G.gate).dicts()]
         except peewee.PeeweeException as err:
             raise StoreError(f"cannot read {self.url}: {err}") from err
 
 
-# The statements of every batch, written out once: peewee's query building costs more per
-# batch than the database's own work. Standard SQL for SQLite and PostgreSQL alike; "?"
-# becomes the driver's placeholder.
-_LOCK_GATE = (
-    'INSERT INTO "gate" ("gate", "entries", "head_id", "contiguous_through", "pending", '
-    '"broken", "first_seen_ms", "last_seen_ms") VALUES (?, 0, 0, 0, 0, 0, ?, ?) '
-    'ON CONFLICT ("gate") DO UPDATE SET "last_seen_ms" = EXCLUDED."last_seen_ms"')
-_KNOWN = 'SELECT "uuid", "gate", "entry_json", "problems" FROM "entry" WHERE "uuid" IN '
-_HASHES = 'SELECT "entry_id", "hash" FROM "entry" WHERE "gate" = ? AND "entry_id" IN '
-_WAITING = ('SELECT "id", "entry_id", "prev_hash", "hash_state", "sig_state", "tac_state", '
-            '"notes" FROM "entry" WHERE "gate" = ? AND "chain_state" = ? AND "entry_id" IN ')
-_SETTLE = 'UPDATE "entry" SET "chain_state" = ?, "problems" = ? WHERE "id" = ?'
-_GATE = 'SELECT "head_id", "contiguous_through" FROM "gate" WHERE "gate" = ?'
-_AFTER = ('SELECT DISTINCT "entry_id" FROM "entry" WHERE "gate" = ? AND "entry_id" > ? '
-          'ORDER BY "entry_id" LIMIT ?')
-_UPDATE_GATE = (
-    'UPDATE "gate" SET "entries" = "entries" + ?, "pending" = "pending" + ?, '
-    '"broken" = "broken" + ?, "head_id" = ?, "contiguous_through" = ? WHERE "gate" = ?')
-
-# The entries whose hash, signature and TAC are not checked yet: a partial index holds
-# them (and nothing else), in both databases; the literal 'pending' lets both use it.
-_UNVERIFIED_INDEX = ('CREATE INDEX IF NOT EXISTS "entry_unverified" ON "entry" ("id") '
-                     f"WHERE \"hash_state\" = '{verify.NOT_YET}'")
-# "id" modulo N written out: to some drivers % is a placeholder
-_UNVERIFIED = ('SELECT "id", "gate", "entry_json" FROM "entry" '
-               f"WHERE \"hash_state\" = '{verify.NOT_YET}' "
-               'AND "id" - ("id" / ?) * ? = ? ORDER BY "id" LIMIT ?')
-# (a subquery in id order, or SQLite walks the whole (gate, entry_id) index to group)
-_UNVERIFIED_PER_GATE = ('SELECT "gate", COUNT(*) FROM (SELECT "gate" FROM "entry" '
-                        f"WHERE \"hash_state\" = '{verify.NOT_YET}' ORDER BY \"id\") "
-                        'AS "waiting" GROUP BY "gate"')
-# PostgreSQL: the gate row's lock, which every batch of the gate takes first (_LOCK_GATE)
-_HOLD_GATE = 'UPDATE "gate" SET "last_seen_ms" = "last_seen_ms" WHERE "gate" = ?'
-_STILL_PENDING = ('SELECT "id", "chain_state", "notes" FROM "entry" '
-                  f"WHERE \"hash_state\" = '{verify.NOT_YET}' AND \"id\" IN ")
-_VERDICTS = ('UPDATE "entry" SET "hash_state" = ?, "sig_state" = ?, "tac_state" = ?, '
-             '"notes" = ?, "problems" = ? WHERE "id" = ? AND '
-             f"\"hash_state\" = '{verify.NOT_YET}'")
-
-
-def _in(values: Sequence[Any]) -> str:
-    return "(" + ", ".join("?" * len(values)) + ")"
+def _copies(parsed: list[Parsed]) -> dict[str, list[Parsed]]:
+    """uuid -> its copies in the batch, in order, each content once."""
+    copies: dict[str, list[Parsed]] = {}
+    for p in parsed:
+        held = copies.setdefault(p.uuid, [])
+        if all(c.text != p.text for c in held):
+            held.append(p)
+    return copies
 
 
 def _link(p: Parsed, hashes: dict[int, list[str | None]]) -> str:

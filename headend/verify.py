@@ -35,6 +35,7 @@ from protocol.entry import (
 from protocol.tgp1.crypto import Purchase, card_tac_key
 
 MAX_UUID = 64
+MAX_WORD = 32  # the kind and state columns; a longer one stays in the entry's JSON only
 CARD_KEY_CACHE = 100_000  # derived K_card_tac kept, so a card's next debit costs one CMAC
 
 HASH_OK, HASH_MISMATCH, HASH_MALFORMED = "ok", "mismatch", "malformed"
@@ -104,9 +105,29 @@ class Parsed:
     created_ms: int | None
 
 
+def storable(text: str) -> bool:
+    """Whether a database can hold ``text`` as it is: UTF-8 has no lone surrogates (JSON's
+    "\\ud800" decodes to one) and PostgreSQL's text no NUL."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """``text`` with what a database cannot hold escaped (a reason that quotes a field)."""
+    if storable(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
 def parse_entry(obj: object) -> Parsed | str:
     """The entry, or why it cannot be stored as one (no uuid: it could not be deduped,
-    nor named in an ack)."""
+    nor named in an ack). Its JSON is ASCII (escaped), whatever its strings hold; the
+    columns pulled out of it hold only text a database can store."""
     if not isinstance(obj, dict):
         return "an entry is not a JSON object"
     # sync_state is the gate's own bookkeeping at export time, not part of the entry
@@ -116,14 +137,21 @@ def parse_entry(obj: object) -> Parsed | str:
     uuid = fields.get("uuid")
     if not isinstance(uuid, str) or not 0 < len(uuid) <= MAX_UUID:
         return "an entry without a valid uuid"
-    kind, state = fields.get("kind"), fields.get("state")
+    if not storable(uuid):
+        return "an entry whose uuid is not text (a lone surrogate or NUL)"
+    kind, state = _word(fields.get("kind")), _word(fields.get("state"))
     return Parsed(
         uuid=uuid, fields=fields, text=canonical_text(fields),
         entry_id=_column_int(fields.get("id"), low=1),
         prev_hash=_hash_hex(fields, "prev_hash"), hash=_hash_hex(fields, "hash"),
-        kind=kind if isinstance(kind, str) else None,
-        state=state if isinstance(state, str) else None,
-        created_ms=_column_int(fields.get("created_ms"), low=0))
+        kind=kind, state=state, created_ms=_column_int(fields.get("created_ms"), low=0))
+
+
+def _word(value: object) -> str | None:
+    """A kind or state for its column, else None (kept in the entry's JSON, unindexed)."""
+    if not isinstance(value, str) or len(value) > MAX_WORD or not storable(value):
+        return None
+    return value
 
 
 def _column_int(value: object, *, low: int) -> int | None:
@@ -143,6 +171,23 @@ class Verdict:
     sig: str
     tac: str
     notes: tuple[str, ...] = ()
+
+
+def proven(v: Verdict) -> bool:
+    """The entry is the gate's own: its content hashes to its hash, which the gate's
+    device key signed."""
+    return v.hash == HASH_OK and v.sig == SIG_OK
+
+
+def disproof(v: Verdict) -> str | None:
+    """Why an entry checked against its gate's key is not the gate's (a forged or altered
+    copy): such an entry takes no uuid and is never acknowledged. None when it is the
+    gate's, or when there is no key to tell (the verdicts are then only flags)."""
+    if v.sig in (SIG_NO_KEY, NOT_YET) or proven(v):
+        return None
+    found = [_PROBLEMS[(what, state)] for what, state in (("hash", v.hash), ("sig", v.sig))
+             if (what, state) in _PROBLEMS]
+    return "not the gate's: " + "; ".join(found)
 
 
 def problems(hash_state: str, sig: str, tac: str, chain: str, notes: Sequence[str]) -> list[str]:
@@ -171,6 +216,10 @@ class Verifier:
                for gate, keys in self._gate_keys.items()}
         return _verifier_from_raw, (self._tac_master_key, raw)
 
+    def has_key(self, gate: str) -> bool:
+        """Whether this gate's device key is known: its entries can be proven its own."""
+        return bool(self._gate_keys.get(gate))
+
     def verify(self, gate: str, entry: Parsed) -> Verdict:
         return self.verify_fields(gate, entry.fields)
 
@@ -186,7 +235,7 @@ class Verifier:
         if isinstance(terminal, str) and terminal.upper() != gate.upper():
             # a gate's id is its terminal id: another's debit filed under this gate
             # (signed by this gate's key, its TAC still good) would be settled twice
-            notes.append(f"terminal id {terminal} is not this gate's")
+            notes.append(f"terminal id {printable(terminal)} is not this gate's")
         return Verdict(hash=hash_state, sig=sig, tac=tac, notes=tuple(notes))
 
     @staticmethod

@@ -3,7 +3,7 @@
 gates it serves, and readers of its database.
 
 tests/conftest.py registers this module as a plugin: its fixtures serve test_headend.py,
-test_headend_verdicts.py and test_headend_cli.py.
+test_headend_verdicts.py, test_headend_forgery.py and test_headend_cli.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 from tests.cards import MASTER_TAC_KEY
 from tests.fixtures.mosquitto import Mosquitto
-from tests.gate_stub import SignedGate
+from tests.gate_stub import GateStub, SignedGate
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADEND = [sys.executable, "-m", "headend.cli"]
@@ -95,6 +95,20 @@ class Headend:
 def broker(make_broker: Callable[..., Mosquitto]) -> Mosquitto:
     """A broker of the test's own: nothing another test's gates resend can reach it."""
     return make_broker()
+
+
+@pytest.fixture
+def stubs(broker: Mosquitto) -> Iterator[Callable[..., GateStub]]:
+    made: list[GateStub] = []
+
+    def make(gate: str, **kw: Any) -> GateStub:
+        stub = GateStub(broker.host, broker.port, gate, **kw)
+        made.append(stub)
+        return stub
+
+    yield make
+    for stub in made:
+        stub.close()
 
 
 @pytest.fixture

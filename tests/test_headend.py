@@ -18,11 +18,10 @@ import json
 import signal
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -31,23 +30,8 @@ from headend.verify import Verifier
 from protocol import contract
 from protocol.entry import ENTRY_FIELDS, chain_hash
 from tests.cards import MASTER_TAC_KEY
-from tests.fixtures.mosquitto import Mosquitto
 from tests.gate_stub import GateStub, SignedGate, batches, reseal
 from tests.headend_support import Headend, headend, rows, uuids_of, verified_rows
-
-
-@pytest.fixture
-def stubs(broker: Mosquitto) -> Iterator[Callable[..., GateStub]]:
-    made: list[GateStub] = []
-
-    def make(gate: str, **kw: Any) -> GateStub:
-        stub = GateStub(broker.host, broker.port, gate, **kw)
-        made.append(stub)
-        return stub
-
-    yield make
-    for stub in made:
-        stub.close()
 
 
 def export(db: Path, *args: str) -> list[dict[str, Any]]:
@@ -151,36 +135,47 @@ def test_suspect_entries_are_flagged_and_kept(
     h = run_headend(*keyfiles(gate))
     stub = stubs(gate.gate)
     acks = stub.sync(batches(tampered, 4))
-    # The acks name what storing found (the chain); hash, signature and TAC are checked
-    # after the ack, and flagged in the database.
-    problems = {u: why for a in acks.values() for u, why in a.problems.items()}
-    assert set(problems) == {tampered[i_chain]["uuid"]}
-    assert "prev_hash is not the hash" in problems[tampered[i_chain]["uuid"]]
+    # The gate's key is known, so its entries are checked before they are stored: the two
+    # copies it disproves take no uuid and are named in no ack (their gate still holds
+    # the real ones); the gate's own, suspect ones are stored and flagged.
+    u = {name: tampered[i]["uuid"] for name, i in
+         (("hash", i_hash), ("sig", i_sig), ("chain", i_chain))} | {"tac": bad_tac["uuid"]}
+    named = {x for a in acks.values() for x in a.stored}
+    assert named == set(uuids_of(tampered)) - {u["hash"], u["sig"]}
+    problems = {x: why for a in acks.values() for x, why in a.problems.items()}
+    assert problems == {
+        u["hash"]: "not the gate's: hash does not match the entry's content",
+        u["sig"]: "not the gate's: signature is not the gate's device key's",
+        u["chain"]: "prev_hash is not the hash of the gate's previous entry",
+        u["tac"]: "TAC is not the card's: the card did not make this debit"}
+    assert [(r["uuid"], r["why"]) for r in export(h.db, "--rejected")] == [
+        (u["hash"], problems[u["hash"]] + " (kept aside)"),
+        (u["sig"], problems[u["sig"]] + " (kept aside)")]
 
     stored = {r["uuid"]: r for r in verified_rows(h.db)}
-    problems = {u: r["problems"] for u, r in stored.items() if r["problems"]}
-    assert set(problems) == {tampered[i]["uuid"] for i in (i_hash, i_sig, i_chain)} | {
-        bad_tac["uuid"]}
-    assert "hash does not match" in problems[tampered[i_hash]["uuid"]]
-    assert "signature is not the gate's" in problems[tampered[i_sig]["uuid"]]
-    assert "prev_hash is not the hash" in problems[tampered[i_chain]["uuid"]]
-    assert "TAC is not the card's" in problems[bad_tac["uuid"]]
-    assert list(stored) == uuids_of(tampered)  # flagged, none dropped
-    assert stored[tampered[i_hash]["uuid"]]["hash_state"] == "mismatch"
-    assert stored[tampered[i_sig]["uuid"]]["sig_state"] == "bad"
-    assert stored[tampered[i_chain]["uuid"]]["chain_state"] == "broken"
-    assert stored[tampered[i_chain]["uuid"]]["tac_state"] != "bad"
-    bad = {u for u, r in stored.items() if r["problems"]}
-    assert bad == set(problems)
-    assert stored[bad_tac["uuid"]]["tac_state"] == "bad"
-    # The other entries' verdicts are clean: one bad entry does not taint its neighbours.
-    assert {(r["hash_state"], r["sig_state"], r["chain_state"])
-            for u, r in stored.items() if u not in bad} == {("ok", "ok", "linked")}
-    # A resend is acked with every problem: they are stored, not recomputed per batch.
+    assert set(stored) == named
+    assert stored[u["chain"]]["chain_state"] == "broken"
+    assert stored[u["chain"]]["tac_state"] != "bad"
+    assert stored[u["tac"]]["tac_state"] == "bad"
+    assert {x for x, r in stored.items() if r["problems"]} == {u["chain"], u["tac"]}
+    # the successors of the two kept aside wait for their predecessors
+    waiting = {r["entry_id"] for r in stored.values() if r["chain_state"] == "pending"}
+    assert waiting == {entries[i_hash]["id"] + 1, entries[i_sig]["id"] + 1}
+    # A resend is acked with every problem, and keeps nothing aside a second time.
     again = stub.sync(batches(tampered, 4))
-    assert {u: w for a in again.values() for u, w in a.problems.items()} == problems
+    assert {x: w for a in again.values() for x, w in a.problems.items()} == problems
+    assert len(export(h.db, "--rejected")) == 2
     (gate_row,) = rows(h.db, "SELECT * FROM gate")
-    assert (gate_row["broken"], gate_row["pending"]) == (1, 0)
+    assert (gate_row["broken"], gate_row["pending"]) == (1, 2)
+    # The gate's own copies: stored, acked, and the chain around them linked.
+    ack = stub.sync([("own", [entries[i_hash], entries[i_sig]])])["own"]
+    assert (ack.stored, ack.problems) == ([u["hash"], u["sig"]], {})
+    stored = {r["uuid"]: r for r in verified_rows(h.db)}
+    assert list(stored) == uuids_of(entries)
+    assert {x for x, r in stored.items() if r["problems"]} == {u["chain"], u["tac"]}
+    (gate_row,) = rows(h.db, "SELECT * FROM gate")
+    assert (gate_row["broken"], gate_row["pending"], gate_row["contiguous_through"]) == (
+        1, 0, len(entries))
     h.stop()
 
 
@@ -194,18 +189,22 @@ def test_malformed_messages_are_kept_aside(
     stub.publish_raw(b"\xff not json")
     stub.publish("junk", [{"no": "uuid"}, 42])  # type: ignore[list-item]
     assert stub.wait_for_ack("junk", 10) == contract.Ack("junk", [], {})
-    # the same uuid already stored with other content: acked (so the gate stops
-    # resending it), flagged, and the second content kept aside
+    # the same uuid already stored with other content: kept aside, once however often it
+    # comes, never named as stored (the ack says why): without the gate's key the
+    # head-end cannot tell which copy is the gate's, and an ack must not make a gate take
+    # its entry for stored when what is stored is another's
     acks = stub.sync(batches(entries, 10))
     clash = {**entries[0], "amount": 999}
-    ack = stub.sync([("clash", [clash])])["clash"]
-    assert ack.stored == [clash["uuid"]] and "other content" in ack.problems[clash["uuid"]]
+    for _ in range(2):
+        ack = stub.sync([("clash", [clash])])["clash"]
+        assert ack.stored == [] and "other content" in ack.problems[clash["uuid"]]
     assert next(iter(acks.values())).stored == uuids_of(entries)
     rejected = export(h.db, "--rejected")
     assert [r["why"] for r in rejected] == [
         "not a batch: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
         "an entry without a valid uuid", "an entry is not a JSON object",
-        "the uuid is already stored with other content (kept aside)"]
+        "the uuid is already stored with other content; without the gate's key neither "
+        "copy can be proven the gate's (kept aside)"]
     assert json.loads(rejected[3]["payload"]) == clash
     assert [r["uuid"] for r in rows(h.db)] == uuids_of(entries)
     assert json.loads(rows(h.db)[0]["entry_json"]) == entries[0]
