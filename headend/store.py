@@ -223,7 +223,8 @@ class Store:
         rejects: list[dict[str, Any]] = []
 
         def reject(uuid: str | None, payload: object, why: str, of: str = gate) -> None:
-            text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True)
+            text = (verify.printable(payload) if isinstance(payload, str)
+                    else json.dumps(payload, sort_keys=True))
             rejects.append(dict(gate=of, batch=batch_id, uuid=uuid, payload=text,
                                 why=verify.printable(why), received_ms=now,
                                 stored_by=stored_by))
@@ -497,10 +498,11 @@ class Store:
 
     def reject_payload(self, *, gate: str, payload: bytes, why: str, stored_by: str) -> None:
         """Keep a message that is not a batch at all, with why."""
-        text = payload.decode("utf-8", errors="backslashreplace")
+        text = verify.printable(payload.decode("utf-8", errors="backslashreplace"))
         try:
             with self.db.atomic():
-                self._rejected.create(gate=gate, batch="", uuid=None, payload=text, why=why,
+                self._rejected.create(gate=gate, batch="", uuid=None, payload=text,
+                                      why=verify.printable(why),
                                       received_ms=int(time.time() * 1000), stored_by=stored_by)
         except peewee.PeeweeException as err:
             raise StoreError(f"cannot keep a rejected message of {gate}: {err}") from err
