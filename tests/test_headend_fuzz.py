@@ -282,10 +282,14 @@ def test_text_no_database_holds_is_refused_as_malformed(tmp_path: Path, pool: Po
     with why; in any other field it is kept in the entry's JSON, escaped; in a batch id
     it is stored escaped. No UnicodeEncodeError, nothing set aside with a traceback."""
     entry = pool.other[0]
+    odd = [{**entry, "uuid": "\ud800"}, {**entry, "uuid": "a\x00b"},
+           {**entry, "kind": "\udc00", "state": "x" * 40, "terminal_id": "\ud800"}]
+    with Store(f"sqlite:///{tmp_path}/first.db") as store:
+        done = store.store_batch(gate=OTHER, batch_id="\ud800", entries=odd,
+                                 verifier=pool.verifier, stored_by="t")
+        assert (done.stored, done.rejected) == ([entry["uuid"]], 2)
     with Store(f"sqlite:///{tmp_path}/h.db") as store:
         consumer = a_consumer(Fed(store), pool)
-        odd = [{**entry, "uuid": "\ud800"}, {**entry, "uuid": "a\x00b"},
-               {**entry, "kind": "\udc00", "state": "x" * 40, "terminal_id": "\ud800"}]
         payload = contract.canonical({"gate": OTHER, "batch": "b\ud800", "entries": odd})
         reply = consumer.take(contract.tx_topic(OTHER), payload)
         assert reply is not None and reply.ack.batch_id == "b\ud800"
