@@ -17,6 +17,7 @@ from daemon.journal.db import JournalDb
 
 DENY_VERSION = "deny_list_version"  # meta keys
 DESIRED_VERSION = "desired_version"
+DESIRED_DIGEST = "desired_digest"  # of the applied desired state's args, beside its version
 _LAST_SEQ = "SELECT seq FROM command_seq WHERE key_id = ?"
 _CLAIM_SEQ = "INSERT OR REPLACE INTO command_seq (key_id, seq) VALUES (?, ?)"
 _DENIED = "SELECT serial FROM deny_list"
@@ -98,6 +99,15 @@ class Control:
 
     def set_desired_version(self, version: int) -> None:
         self._db.execute(sql.SET_META, (DESIRED_VERSION, str(version)))
+
+    def desired_digest(self) -> str | None:
+        """The digest of the desired state last applied; None: none recorded (none
+        applied, or applied before digests were kept)."""
+        row = self._db.execute(sql.GET_META, (DESIRED_DIGEST,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_desired_digest(self, digest: str) -> None:
+        self._db.execute(sql.SET_META, (DESIRED_DIGEST, digest))
 
     def _meta_int(self, key: str) -> int:
         row = self._db.execute(sql.GET_META, (key,)).fetchone()

@@ -11,11 +11,15 @@ retained, on ``tapgate/v1/<gate>/reported``:
     {"version": N, "refused": {"version": M, "reason": ...}}   a desired state it refused
 
 The broker hands the retained desired state over at every (re)connection: the version
-the gate already runs is simply reported again.
+the gate already runs is simply reported again. Its content is known by a digest of its
+args, kept in the journal with the version: a desired state that gives the running
+version other content is refused (a change needs a new version), never taken as applied.
+A journal from before digests were kept takes the first one it is handed for its version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -59,17 +63,23 @@ class Desired:
             config = args.get("config", {})
             if not isinstance(config, dict) or set(args) - {"version", "config"}:
                 raise bad_args("args are {version, config: {...}}")
-            self._apply(version, config)
+            self._apply(version, config, hashlib.sha256(contract.canonical(args)).hexdigest())
         except Refused as refusal:
             log.warning("desired state %s refused: %s", wanted, refusal.reason)
             return self.report({"version": wanted, "reason": refusal.reason})
         return self.report()
 
-    def _apply(self, version: int, config: dict[str, Any]) -> None:
+    def _apply(self, version: int, config: dict[str, Any], digest: str) -> None:
         try:
             with self._journal.control() as state:
                 running = state.desired_version()
                 if version == running:
+                    applied = state.desired_digest()
+                    if applied is None:
+                        state.set_desired_digest(digest)
+                    elif applied != digest:
+                        raise Refused(f"version {version} is running with other content; "
+                                      "a change needs a new version")
                     return  # handed over again on a reconnection
                 if version < running:
                     raise Refused(f"version {version} is older than the version running "
@@ -78,6 +88,7 @@ class Desired:
                 if new is not None:
                     state.set_remote_config(config)
                 state.set_desired_version(version)
+                state.set_desired_digest(digest)
         except JournalError as err:
             raise Refused(f"journal error: {err}") from err
         if new is not None:
