@@ -14,7 +14,10 @@ An EID changes every 2**K seconds and only a holder of the key can tell whose it
 :meth:`BeaconDirectory.resolve` takes the advertising-data bytes a phone saw, parses
 them (:func:`protocol.beacon.frames.parse`) and maps the identifier to its gate. The
 tables (``beacon_info``, ``beacon_eid``) live in the head-end's database, beside the
-store's; the identity keys are secrets in it.
+store's. The identity keys are secrets: they are kept sealed (AES-GCM, :mod:`headend.sealed`)
+with a key outside the database, needed to register a key and to resolve an EID. Rows a
+head-end wrote in plain hex before (``identity_key``) are sealed when the directory is
+opened with the key; until then they still resolve, and opening says so.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from typing import Any
 
 import peewee
 
+from headend import sealed
 from headend.gateinfo import MAX_EXPONENT, MAX_URL, GateInfo, InfoError, parse_info
+from headend.sealed import Sealer
 from headend.store import StoreError, open_database
 from protocol import contract
 from protocol.beacon import eid as beacon_eid
 from protocol.beacon import frames
+from protocol.errors import ConfigError
 
 log = logging.getLogger("tapgate.headend.beacons")
 
@@ -44,6 +50,13 @@ IBEACON, UID, URL, EID, TLM = (
     "ibeacon", "eddystone-uid", "eddystone-url", "eddystone-eid", "eddystone-tlm")
 
 STORED, SAME, STALE, REFUSED, CLEARED = "stored", "same", "stale", "refused", "cleared"
+
+
+class NoDatabaseKey(ConfigError):
+    """An EID key to seal or open, and no database key to do it with."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(sealed.OPTION, "(none)", why)
 
 
 class NotAnIdentity(ValueError):
@@ -96,7 +109,9 @@ def _tables(db: peewee.Database) -> tuple[Any, Any]:
 
     class EidRow(peewee.Model):
         gate = peewee.CharField(max_length=MAX_GATE, primary_key=True)
-        identity_key = peewee.CharField(max_length=2 * EID_KEY_BYTES)  # hex: a secret
+        # "" once sealed; plain hex only in rows written before keys were sealed
+        identity_key = peewee.CharField(max_length=2 * EID_KEY_BYTES)
+        sealed_key = peewee.TextField(null=True)  # headend.sealed: the key, encrypted
         exponent = peewee.IntegerField()
         epoch = peewee.BigIntegerField()
         registered_ms = peewee.BigIntegerField()
@@ -115,13 +130,15 @@ class BeaconDirectory:
     shares the store's (the consumer's way: one connection per thread either way).
     """
 
-    def __init__(self, db: str | peewee.Database, *, slack_periods: int = SLACK_PERIODS) -> None:
+    def __init__(self, db: str | peewee.Database, *, slack_periods: int = SLACK_PERIODS,
+                 sealer: Sealer | None = None) -> None:
         self.url = db if isinstance(db, str) else str(db.database)
         self._own = isinstance(db, str)
         self.db = open_database(db) if isinstance(db, str) else db
         if slack_periods < 0:
             raise ValueError(f"EID slack {slack_periods} periods is negative")
         self.slack_periods = slack_periods
+        self._sealer = sealer  # None: EID keys can be neither registered nor resolved
         self._info, self._eid = _tables(self.db)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -130,9 +147,27 @@ class BeaconDirectory:
             self.db.connect(reuse_if_open=True)
             with self.db.atomic():
                 self.db.create_tables([self._info, self._eid], safe=True)
+                self._migrate()
         except peewee.PeeweeException as err:
             raise StoreError(f"cannot open the beacon directory in {self.url}: {err}") from err
         return self
+
+    def _migrate(self) -> None:
+        """Databases from before keys were sealed: the column added, and plain keys sealed
+        once the database key is given."""
+        if "sealed_key" not in {c.name for c in self.db.get_columns("beacon_eid")}:
+            self.db.execute_sql(  # type: ignore[no-untyped-call]
+                'ALTER TABLE "beacon_eid" ADD COLUMN "sealed_key" TEXT')
+        E = self._eid
+        plain = list(E.select(E.gate, E.identity_key).where(E.identity_key != ""))
+        if plain and self._sealer is None:
+            log.warning("%d EID identity keys are in plain hex in %s: open it with the "
+                        "database key (%s) to seal them", len(plain), self.url, sealed.OPTION)
+        elif plain and self._sealer is not None:
+            for row in plain:
+                E.update(sealed_key=self._sealer.seal(row.gate, bytes.fromhex(
+                    row.identity_key)), identity_key="").where(E.gate == row.gate).execute()
+            log.info("%d EID identity keys in plain hex sealed", len(plain))
 
     def close(self) -> None:
         if self._own and not self.db.is_closed():
@@ -244,22 +279,34 @@ class BeaconDirectory:
         if epoch < 0:
             raise ValueError(f"epoch {epoch} is before 1970")
         beacon_eid.EidSchedule(identity_key, exponent, epoch)  # its own checks
+        if self._sealer is None:
+            raise NoDatabaseKey(f"an EID identity key is kept sealed: give the database key "
+                                f"({sealed.OPTION} or {sealed.ENV})")
         E = self._eid
-        row = dict(gate=gate, identity_key=identity_key.hex(), exponent=exponent, epoch=epoch,
+        row = dict(gate=gate, identity_key="", sealed_key=self._sealer.seal(gate, identity_key),
+                   exponent=exponent, epoch=epoch,
                    registered_ms=now_ms if now_ms is not None else int(time.time() * 1000))
         try:
             with self.db.atomic():
                 E.insert(**row).on_conflict(
                     conflict_target=[E.gate],
-                    preserve=[E.identity_key, E.exponent, E.epoch, E.registered_ms]).execute()
+                    preserve=[E.identity_key, E.sealed_key, E.exponent, E.epoch,
+                              E.registered_ms]).execute()
         except peewee.PeeweeException as err:
             raise StoreError(f"cannot register the EID of {gate}: {err}") from err
 
     def schedules(self) -> dict[str, beacon_eid.EidSchedule]:
         E = self._eid
-        return {r.gate: beacon_eid.EidSchedule(bytes.fromhex(r.identity_key), r.exponent,
-                                               r.epoch)
+        return {r.gate: beacon_eid.EidSchedule(self._identity(r), r.exponent, r.epoch)
                 for r in E.select().order_by(E.gate)}
+
+    def _identity(self, row: Any) -> bytes:
+        if not row.sealed_key:
+            return bytes.fromhex(row.identity_key)  # written before keys were sealed
+        if self._sealer is None:
+            raise NoDatabaseKey(f"the EID identity keys are sealed: give the database key "
+                                f"({sealed.OPTION} or {sealed.ENV}) to resolve an EID")
+        return self._sealer.open(row.gate, row.sealed_key)
 
     # -- reading -----------------------------------------------------------------------
     def resolve(self, payload: bytes, now: float | None = None) -> Resolution | None:

@@ -4,6 +4,7 @@
               keep every gate's info for the beacon directory
     command   sign a command for a gate (or the fleet), send it, print the answer
     keygen    a new operator key for commands
+    db-keygen a new database key (it seals the EID identity keys kept in the database)
     export    the stored entries as JSON lines, in (gate, id) order
     gates     each gate's chain state as JSON lines
     beacon    the beacon directory: register a gate's EID key, resolve what a phone
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from headend import __version__, command, keys
+from headend import __version__, command, keys, sealed
 from headend.mqtt import Broker, check_topic_level, parse_broker
 from protocol import contract
 from protocol.errors import ConfigError, TapgateError
@@ -53,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--tls-cert", type=Path, help="client certificate (PEM)")
         p.add_argument("--tls-key", type=Path, help="client certificate's key (PEM)")
 
+    def with_db_key(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db-key-file", type=Path, metavar="FILE",
+                       help="the database key (64 hex digits, mode 0600; db-keygen makes "
+                            f"one) that seals the EID identity keys; default: ${sealed.ENV}")
+
     run = sub.add_parser("run", help="consume the gates' batches until SIGTERM/SIGINT")
     with_broker(run)
     run.add_argument("--db", required=True, metavar="URL",
@@ -64,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="gate id -> device public key (hex), TOML or JSON; without a "
                           "gate's key its signatures are not checked")
     run.add_argument("--client-id", help="MQTT client id (default: tapgate-headend-HOST-PID)")
+    with_db_key(run)
     # TEST HOOK ONLY: SIGKILL the process after committing its N-th batch, before acking it.
     run.add_argument("--test-crash-after-store", type=int, metavar="N", help=argparse.SUPPRESS)
 
@@ -86,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", type=Path, required=True)
     keygen.add_argument("--force", action="store_true", help="replace an existing file")
 
+    db_keygen = sub.add_parser("db-keygen", help="write a new database key (mode 0600)")
+    db_keygen.add_argument("--out", type=Path, required=True)
+    db_keygen.add_argument("--force", action="store_true", help="replace an existing file")
+
     export = sub.add_parser("export", help="the stored entries as JSON lines")
     export.add_argument("--db", required=True, metavar="URL")
     export.add_argument("--gate", help="only this gate's entries")
@@ -100,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     register = bsub.add_parser("register", help="register (or replace) a gate's EID "
                                                 "identity key")
     register.add_argument("--db", required=True, metavar="URL")
+    with_db_key(register)
     register.add_argument("--gate", required=True)
     key = register.add_mutually_exclusive_group(required=True)
     key.add_argument("--key", metavar="HEX", help="the identity key, 32 hex digits (a "
@@ -113,10 +125,12 @@ def _parser() -> argparse.ArgumentParser:
                                               "data; exit 1 if none")
     resolve.add_argument("data", metavar="HEX", help="the advertising data a phone saw")
     resolve.add_argument("--db", required=True, metavar="URL")
+    with_db_key(resolve)
     resolve.add_argument("--at", type=float, metavar="UNIX",
                          help="when the phone saw it (default: now); matters for EIDs")
     listing = bsub.add_parser("list", help="the gates of the directory as JSON lines")
     listing.add_argument("--db", required=True, metavar="URL")
+    with_db_key(listing)
     return parser
 
 
@@ -126,6 +140,7 @@ def _broker(args: argparse.Namespace) -> Broker:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from headend.beacons import BeaconDirectory
     from headend.consumer import Consumer
     from headend.store import Store
     from headend.verify import Verifier
@@ -134,6 +149,10 @@ def _run(args: argparse.Namespace) -> int:
     # Keys first: a head-end that cannot check what it stores must not start storing.
     tac_key = keys.load_tac_master_key(args.tac_key_file) if args.tac_key_file else None
     gate_keys = keys.load_gate_keys(args.gate_keys) if args.gate_keys else {}
+    sealer = sealed.from_option(args.db_key_file)
+    if not gate_keys:
+        log.warning("no --gate-keys: the gates' entries cannot be told from copies others "
+                    "publish on their topics (the first copy of each is taken)")
     if tac_key is None:
         log.warning("no --tac-key-file: TACs are stored unchecked")
     client_id = args.client_id or f"tapgate-headend-{socket.gethostname()}-{os.getpid()}"
@@ -152,6 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         consumer = Consumer(store=store, verifier=Verifier(tac_master_key=tac_key,
                                                            gate_keys=gate_keys),
                             broker=broker, client_id=client_id,
+                            directory=BeaconDirectory(store.db, sealer=sealer),
                             crash_after_store=args.test_crash_after_store)
         log.info("head-end %s: %s, %d gate keys, storing into %s", client_id, broker,
                  len(gate_keys), args.db)
@@ -181,6 +201,12 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db_keygen(args: argparse.Namespace) -> int:
+    sealed.generate(args.out, force=args.force)
+    print(json.dumps({"file": str(args.out)}))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from headend.store import Store
 
@@ -204,11 +230,11 @@ def _gates(args: argparse.Namespace) -> int:
 def _beacon(args: argparse.Namespace) -> int:
     from headend.beacons import BeaconDirectory, NotAnIdentity
 
-    with BeaconDirectory(args.db) as directory:
+    with BeaconDirectory(args.db, sealer=sealed.from_option(args.db_key_file)) as directory:
         if args.beacon_command == "register":
             gate = check_topic_level("--gate", args.gate)
             if args.key_file is not None:
-                option, text = "--key-file", keys._read_secret("--key-file", args.key_file)
+                option, text = "--key-file", keys.read_secret("--key-file", args.key_file)
             else:
                 option, text = "--key", args.key.encode()
             try:
@@ -241,8 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    handlers = {"run": _run, "command": _command, "keygen": _keygen, "export": _export,
-                "gates": _gates, "beacon": _beacon}
+    handlers = {"run": _run, "command": _command, "keygen": _keygen, "db-keygen": _db_keygen,
+                "export": _export, "gates": _gates, "beacon": _beacon}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

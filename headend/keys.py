@@ -23,7 +23,7 @@ TAC_KEY_BYTES = 16
 KEY_ID_BYTES = 8
 
 
-def _read_secret(option: str, path: Path) -> bytes:
+def read_secret(option: str, path: Path) -> bytes:
     try:
         mode = path.stat().st_mode
         data = path.read_bytes()
@@ -38,7 +38,7 @@ def _read_secret(option: str, path: Path) -> bytes:
 
 def load_tac_master_key(path: Path) -> bytes:
     """K_master_tac: 32 hex digits (surrounding whitespace ignored), mode 0600."""
-    data = _read_secret("--tac-key-file", path)
+    data = read_secret("--tac-key-file", path)
     try:
         key = bytes.fromhex(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError) as err:
@@ -106,7 +106,7 @@ def generate_operator_key(path: Path, *, force: bool = False) -> Ed25519PrivateK
 
 
 def load_operator_key(path: Path) -> Ed25519PrivateKey:
-    data = _read_secret("--key-file", path)
+    data = read_secret("--key-file", path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:

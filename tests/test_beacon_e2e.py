@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from headend.beacons import STORED, BeaconDirectory, NotAnIdentity, Resolution
+from headend.sealed import Sealer
 from protocol.beacon import frames
 from protocol.beacon.eid import EidSchedule
 
@@ -90,7 +91,8 @@ def built(kind: str, gate: str, now: float = NOW) -> bytes:
 @pytest.fixture
 def directory(tmp_path: Path) -> Iterator[BeaconDirectory]:
     """The head-end's directory: both gates' info in, their EID keys registered."""
-    with BeaconDirectory(f"sqlite:///{tmp_path / 'headend.db'}") as d:
+    with BeaconDirectory(f"sqlite:///{tmp_path / 'headend.db'}",
+                         sealer=Sealer(bytes(range(32)))) as d:
         for gate in GATES:
             assert d.ingest(gate, json.dumps(info(gate)).encode(),
                             now_ms=int(NOW * 1000)) == STORED

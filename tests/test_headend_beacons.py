@@ -31,6 +31,7 @@ from headend.beacons import (
 )
 from headend.consumer import Consumer
 from headend.mqtt import Broker
+from headend.sealed import Sealer
 from headend.store import Store
 from headend.verify import Verifier
 from protocol import contract
@@ -47,6 +48,9 @@ KEY_B2 = bytes.fromhex("f0e1d2c3b4a5968778695a4b3c2d1e0f")
 K = 10  # EIDs of 1024 s
 NOW = 1_795_330_861.0
 TX0 = frames.tx_power_at_0m(-59)
+
+
+SEALER = Sealer(bytes(range(32)))  # the database key: the EID keys are kept sealed
 
 
 def info(gate: str = "0000000000A7", *, minor: int = 7, ts_ms: int | None = None,
@@ -81,7 +85,7 @@ def encode(obj: Any) -> bytes:
 
 @pytest.fixture
 def directory(tmp_path: Path) -> Iterator[BeaconDirectory]:
-    with BeaconDirectory(f"sqlite:///{tmp_path / 'headend.db'}") as d:
+    with BeaconDirectory(f"sqlite:///{tmp_path / 'headend.db'}", sealer=SEALER) as d:
         yield d
 
 
@@ -194,7 +198,8 @@ def test_eid_resolves_within_the_slack_and_not_beyond(fleet: BeaconDirectory) ->
 
 
 def test_a_wider_slack_is_a_choice(tmp_path: Path) -> None:
-    with BeaconDirectory(f"sqlite:///{tmp_path / 'h.db'}", slack_periods=3) as d:
+    with BeaconDirectory(f"sqlite:///{tmp_path / 'h.db'}", slack_periods=3,
+                         sealer=SEALER) as d:
         d.register_eid("0000000000A7", KEY_A7, 4, 100)
         heard = frames.eddystone_eid(EidSchedule(KEY_A7, 4, 100).eid_at(1000), TX0).payload()
         assert d.resolve(heard, 1000 + 3 * 16) is not None
@@ -380,29 +385,37 @@ def test_beacon_commands(tmp_path: Path) -> None:
         d.ingest("0000000000A7", encode(info()), now_ms=int(NOW * 1000))
     key_file = tmp_path / "a7.eid"
     key_file.write_text(KEY_A7.hex().upper() + "\n")
-    key_file.chmod(0o644)
+    key_file.chmod(0o600)
+    # the EID keys are kept sealed with the database key: none given, none registered
     done = headend("beacon", "register", "--db", db, "--gate", "0000000000A7", "--key-file",
                    str(key_file), "--exponent", str(K), "--epoch", "0")
+    assert done.returncode == 2 and "--db-key-file" in done.stderr, done.stderr
+    db_key = tmp_path / "db.key"
+    assert headend("db-keygen", "--out", str(db_key)).returncode == 0
+    sealing = ("--db-key-file", str(db_key))
+    key_file.chmod(0o644)
+    done = headend("beacon", "register", "--db", db, *sealing, "--gate", "0000000000A7",
+                   "--key-file", str(key_file), "--exponent", str(K), "--epoch", "0")
     assert done.returncode == 2 and "chmod 600" in done.stderr, done.stderr
     key_file.chmod(0o600)
-    done = headend("beacon", "register", "--db", db, "--gate", "0000000000A7", "--key-file",
-                   str(key_file), "--exponent", str(K), "--epoch", "0")
+    done = headend("beacon", "register", "--db", db, *sealing, "--gate", "0000000000A7",
+                   "--key-file", str(key_file), "--exponent", str(K), "--epoch", "0")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"gate": "0000000000A7", "exponent": K, "epoch": 0,
                                        "registered": True}
-    done = headend("beacon", "register", "--db", db, "--gate", "0000000000B2", "--key",
+    done = headend("beacon", "register", "--db", db, *sealing, "--gate", "0000000000B2", "--key",
                    KEY_B2.hex(), "--exponent", "8", "--epoch", "1000")
     assert done.returncode == 0, done.stderr
     for bad in (["--key", "00" * 15], ["--key", "xyz"]):
-        done = headend("beacon", "register", "--db", db, "--gate", "0000000000C3", *bad,
+        done = headend("beacon", "register", "--db", db, *sealing, "--gate", "0000000000C3", *bad,
                        "--exponent", "8", "--epoch", "0")
         assert done.returncode == 2, done.stderr
-    done = headend("beacon", "register", "--db", db, "--gate", "A/+", "--key", KEY_B2.hex(),
-                   "--exponent", "8", "--epoch", "0")
+    done = headend("beacon", "register", "--db", db, *sealing, "--gate", "A/+", "--key",
+                   KEY_B2.hex(), "--exponent", "8", "--epoch", "0")
     assert done.returncode == 2, done.stderr
 
     heard = frames.eddystone_eid(EidSchedule(KEY_A7, K, 0).eid_at(NOW), TX0).payload()
-    done = headend("beacon", "resolve", heard.hex(), "--db", db, "--at", str(NOW))
+    done = headend("beacon", "resolve", heard.hex(), "--db", db, *sealing, "--at", str(NOW))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {
         "gate": "0000000000A7", "frame": "eddystone-eid", "name": "North entrance 7",
@@ -410,7 +423,7 @@ def test_beacon_commands(tmp_path: Path) -> None:
         "status": "in_service", "fares": {"adult": 250, "concession": 120},
         "ts_ms": int(NOW * 1000)}
     # the same EID a day later is no one's
-    done = headend("beacon", "resolve", heard.hex(), "--db", db, "--at", str(NOW + 86400))
+    done = headend("beacon", "resolve", heard.hex(), "--db", db, *sealing, "--at", str(NOW + 86400))
     assert done.returncode == 1 and done.stdout == "", done.stderr
     # separators as a scanner prints them are fine
     spaced = " ".join(f"{b:02X}" for b in ad(frames.ibeacon(OPERATOR, 1, 7, -59)))
