@@ -124,3 +124,25 @@ UNACKED_WIRE = ("SELECT group_concat(id), group_concat(uuid), group_concat(wire)
                 "AND id > ? ORDER BY id LIMIT ?)")
 
 WAL_STATE = "SELECT total_changes(), (SELECT data_version FROM pragma_data_version)"
+
+# -- what start-up relies on, checked before it is believed (integrity.check_start) -------
+BETWEEN = f"SELECT {COLUMNS} FROM entry WHERE id BETWEEN ? AND ? ORDER BY id"
+DANGLING_IDS = f"SELECT i.id FROM entry AS i WHERE {_DANGLING_INTENT}"
+PENDING_TEAR_IDS = f"SELECT t.id FROM entry AS t INDEXED BY entry_torn_by_card WHERE {PENDING_TEAR}"
+# The same two counts from the table alone, none of its secondary indexes: intents less
+# those an outcome refers to, tears less those a recovery refers to (found by rowid).
+def _referred(kinds: str, head: str) -> str:
+    return (f"COUNT(DISTINCT CASE WHEN {kinds} AND EXISTS (SELECT 1 FROM entry AS h "
+            f"WHERE h.id = o.ref AND h.kind = '{KIND_DEBIT}' AND h.state = '{head}') "
+            "THEN o.ref END)")
+
+
+OPEN_BY_TABLE = (
+    f"SELECT SUM(o.kind = '{KIND_DEBIT}' AND o.state = '{INTENT}') - "
+    + _referred(f"o.kind = '{KIND_DEBIT}' AND o.state IN ('{COMPLETED}', '{TORN}')", INTENT)
+    + f", SUM(o.kind = '{KIND_DEBIT}' AND o.state = '{TORN}') - "
+    + _referred(f"o.kind = '{KIND_RECOVERY}'", TORN)
+    + " FROM entry AS o NOT INDEXED")
+# The entries that refer to the open ones, and those the open ones refer to ({ids}: a
+# list of integers the journal read itself).
+REFERRING_IDS = "SELECT id, ref FROM entry WHERE ref IN ({ids}) OR id IN ({ids})"
