@@ -9,8 +9,7 @@ So, before any of it is believed:
 
 - SQLite's quick_check (every page and B-tree well formed);
 - meta's values are what the journal wrote there (a number, a hash);
-- one pass over the entry table itself, not its indexes: how many intents and tears
-  are left open by the table's own refs, against what the indexes say;
+- the indexes that find the open ones, summed key by key against the table itself;
 - each entry start-up relies on, and its neighbours in the chain, hash-checked: its hash
   matches its content, it follows the entry before and the entry after follows it.
 
@@ -52,10 +51,9 @@ def check_start(db: JournalDb) -> None:
             return
         dangling = [int(r[0]) for r in db.execute(sql.DANGLING_IDS).fetchall()]
         pending = [int(r[0]) for r in db.execute(sql.PENDING_TEAR_IDS).fetchall()]
-        counted = db.execute(sql.OPEN_BY_TABLE).fetchone()
-        if (int(counted[0] or 0), int(counted[1] or 0)) != (len(dangling), len(pending)):
-            raise damaged(path, f"the table leaves {counted[0]} intent(s) and {counted[1]} "
-                                f"tear(s) open, its indexes {len(dangling)} and {len(pending)}")
+        if db.execute(sql.SUMS_BY_TABLE).fetchone() != db.execute(sql.SUMS_BY_INDEX).fetchone():
+            raise damaged(path, "an index does not match the table: open intents or tears "
+                                "would be missed")
         relied = {int(tail), *dangling, *pending}
         for row in db.execute(sql.REFERRING_IDS.format(
                 ids=", ".join(str(i) for i in sorted(set(dangling) | set(pending)))
