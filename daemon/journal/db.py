@@ -43,7 +43,9 @@ from protocol.errors import JournalError, JournalFull
 log = logging.getLogger("tapgate.journal")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-_FAILED = (peewee.DatabaseError, sqlite3.DatabaseError, OSError)
+# (a text SQLite holds that is not UTF-8, as damage leaves it, fails in Python's decoding)
+_FAILED = (peewee.DatabaseError, sqlite3.DatabaseError, OSError, UnicodeDecodeError)
+_UNREADABLE = (peewee.DatabaseError, sqlite3.DatabaseError, UnicodeDecodeError)
 
 
 class JournalDb:
@@ -201,7 +203,7 @@ class JournalDb:
     def read(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
             return list(self.execute(statement, params).fetchall())
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+        except _UNREADABLE as err:
             raise wrap(err, "cannot read the journal") from err
 
     def read_entries(self, statement: str, params: Sequence[Any] = ()) -> list[Entry]:
@@ -211,7 +213,7 @@ class JournalDb:
     def scalar(self, statement: str, params: Sequence[Any] = ()) -> Any:
         try:
             row = self.execute(statement, params).fetchone()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+        except _UNREADABLE as err:
             raise wrap(err, "cannot read the journal") from err
         return row[0] if row else None
 
@@ -415,8 +417,9 @@ def wrap(err: BaseException, doing: str) -> JournalError:
 
 def _is_damage(err: BaseException) -> bool:
     """SQLite's word for a file whose content is not what it wrote."""
-    return isinstance(err, sqlite3.DatabaseError | peewee.DatabaseError) and any(
-        word in str(err) for word in ("malformed", "not a database", "corrupt"))
+    return isinstance(err, UnicodeDecodeError) or (
+        isinstance(err, sqlite3.DatabaseError | peewee.DatabaseError)
+        and any(word in str(err) for word in ("malformed", "not a database", "corrupt")))
 
 
 def _number(path: object, what: str, value: Any) -> int:

@@ -60,7 +60,7 @@ def check_start(db: JournalDb) -> None:
                 or "NULL")).fetchall():
             relied.update(int(v) for v in row if isinstance(v, int))
         _check_chain(db, relied, anchor)
-    except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+    except (peewee.DatabaseError, sqlite3.DatabaseError, UnicodeDecodeError) as err:
         raise damaged(path, str(err)) from err
 
 

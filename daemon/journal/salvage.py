@@ -136,7 +136,7 @@ def salvage(source: Path, out: Path, *, chunk: int = CHUNK) -> SalvageReport:
             raise JournalError(f"{out} exists: salvage never overwrites a file") from err
         _fsync_dir(out.parent)
         return report
-    except (OSError, sqlite3.DatabaseError) as err:
+    except (OSError, sqlite3.DatabaseError, UnicodeDecodeError) as err:
         raise JournalError(f"cannot salvage {source} into {out}: {err}") from err
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
