@@ -43,6 +43,10 @@ from protocol.errors import JournalError, JournalFull
 log = logging.getLogger("tapgate.journal")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# What the WAL may keep of the disk once checkpointed: the room the reserve of free disk
+# (journal.reserve_bytes) must leave it to grow back into (Files.free_bytes).
+WAL_LIMIT = 256 * 1024
+BUSY_TIMEOUT_MS = 5000
 # (a text SQLite holds that is not UTF-8, as damage leaves it, fails in Python's decoding)
 _FAILED = (peewee.DatabaseError, sqlite3.DatabaseError, OSError, UnicodeDecodeError)
 _UNREADABLE = (peewee.DatabaseError, sqlite3.DatabaseError, UnicodeDecodeError)
@@ -66,7 +70,10 @@ class JournalDb:
                 # no checkpoint inside a commit a passenger waits for: the card loop
                 # checkpoints between taps (Files.checkpoint)
                 "wal_autocheckpoint": 0,
-                "busy_timeout": 5000,
+                # a WAL started over is cut back to WAL_LIMIT: on a small
+                # disk a WAL once grown must not keep its room for good
+                "journal_size_limit": WAL_LIMIT,
+                "busy_timeout": BUSY_TIMEOUT_MS,
                 "foreign_keys": 1,
             },
             autoconnect=True,
