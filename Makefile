@@ -12,8 +12,9 @@ CONFIG ?= config/tapgate.toml
 SYSTEM_PACKAGES := python3-venv python3-dev build-essential swig libpcsclite-dev \
                    pcscd vsmartcard-vpcd
 # What only the tests need: a real broker, systemd-analyze for the unit, a D-Bus daemon,
-# and dbus-python for python-dbusmock's BlueZ (run under the system python3).
-TEST_PACKAGES := mosquitto systemd dbus python3-dbus python3-gi
+# dbus-python for python-dbusmock's BlueZ (run under the system python3), and FUSE for
+# the power-cut filesystem (fusepy loads libfuse2; fuse3 brings fusermount and /dev/fuse).
+TEST_PACKAGES := mosquitto systemd dbus python3-dbus python3-gi fuse3 libfuse2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test check lint typecheck system-deps test-system-deps bench clean \
@@ -25,7 +26,8 @@ run: $(VENV)/.run-deps
 # The real components are required: a missing pcscd or mosquitto fails the run instead
 # of skipping what needs it.
 test: system-deps test-system-deps $(VENV)/.test-deps
-	TAPGATE_REQUIRE_PCSC=1 TAPGATE_REQUIRE_MQTT=1 TAPGATE_REQUIRE_BLUEZ=1 $(PY) -m pytest -q
+	TAPGATE_REQUIRE_PCSC=1 TAPGATE_REQUIRE_MQTT=1 TAPGATE_REQUIRE_BLUEZ=1 \
+	  TAPGATE_REQUIRE_POWERCUT=1 $(PY) -m pytest -q
 	$(MAKE) --no-print-directory check
 
 check: lint typecheck

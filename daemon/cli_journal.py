@@ -280,10 +280,11 @@ def verify(config: Config) -> int:
         except ConfigError as err:
             print(f"tapgate: signatures not checked: {err}", file=sys.stderr)
     try:
-        with Journal(config.journal.path) as journal:
+        # not refused at open as the daemon refuses it: verify says what is damaged
+        with Journal(config.journal.path, start_check=False) as journal:
             report = journal.verify(public_key)
     except JournalError as err:
-        if "malformed" not in str(err):
+        if "malformed" not in str(err) or "salvage" in str(err):
             raise
         raise JournalError(f"{err}; `tapgate journal salvage` copies out what can still be "
                            "read") from err

@@ -49,7 +49,7 @@ def raw(path: Path, sql: str, *params: object) -> None:
 
 
 def verify(path: Path) -> list[str]:
-    with Journal(path) as journal:
+    with Journal(path, start_check=False) as journal:
         return journal.verify().problems
 
 

@@ -32,6 +32,7 @@ from protocol.entry import (
     Entry,
     chain_hash,
 )
+from protocol.errors import JournalError
 from tests.cards import TERMINAL_ID, Clock
 from tests.drafts import intent, refusal
 from tests.gate_stub import SignedGate
@@ -411,6 +412,8 @@ def test_deleting_the_first_kept_entry_after_a_prune_is_detected(tmp_path: Path,
         db.commit()
     finally:
         db.close()
-    with Journal(path, clock=clock) as j:
+    with pytest.raises(JournalError, match=r"damaged .*journal salvage"):
+        Journal(path, clock=clock).open()  # the gate refuses to run on it
+    with Journal(path, clock=clock, start_check=False) as j:
         problems = j.verify().problems
     assert any("chain anchor" in p for p in problems), problems

@@ -11,8 +11,9 @@ import peewee
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from daemon.journal import sql
-from daemon.journal.db import JournalDb
-from protocol.entry import GENESIS, Entry, chain_hash, signed_by
+from daemon.journal.db import JournalDb, chain_anchor, stored_seq
+from daemon.journal.integrity import intact
+from protocol.entry import GENESIS, Entry, signed_by
 from protocol.errors import JournalError
 
 
@@ -45,8 +46,15 @@ class Audit:
             return report
         report.problems.extend(f"quick_check: {r[0]}" for r in rows if r[0] != "ok")
         prev: Entry | None = None
-        anchor = self._db.meta(sql.CHAIN_ANCHOR)
-        first_prev = bytes.fromhex(anchor) if anchor is not None else GENESIS
+        try:
+            stored_seq(self._db.path, self._db.meta(sql.MAX_TERMINAL_SEQ))
+        except JournalError as err:
+            report.problems.append(str(err))
+        try:
+            first_prev = chain_anchor(self._db.path, self._db.meta(sql.CHAIN_ANCHOR))
+        except JournalError as err:
+            report.problems.append(str(err))
+            first_prev = GENESIS
         try:
             for entry in self._db.entries():
                 report.entries += 1
@@ -54,12 +62,13 @@ class Audit:
                     report.problems.append(
                         f"entry {entry.id}: the first entry kept does not continue the chain "
                         "anchor: entries before it are missing")
-                if chain_hash(entry.to_json()) != entry.hash:
+                if not intact(entry):
                     report.problems.append(f"entry {entry.id}: hash does not match its content")
                 if public_key is not None:
                     if entry.sig is None:
                         report.unsigned += 1
-                    elif signed_by(public_key, entry.sig, entry.hash):
+                    elif (isinstance(entry.sig, bytes) and isinstance(entry.hash, bytes)
+                          and signed_by(public_key, entry.sig, entry.hash)):
                         report.signed += 1
                     else:
                         report.problems.append(

@@ -43,7 +43,13 @@ from protocol.errors import JournalError, JournalFull
 log = logging.getLogger("tapgate.journal")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-_FAILED = (peewee.DatabaseError, sqlite3.DatabaseError, OSError)
+# What the WAL may keep of the disk once checkpointed: the room the reserve of free disk
+# (journal.reserve_bytes) must leave it to grow back into (Files.free_bytes).
+WAL_LIMIT = 256 * 1024
+BUSY_TIMEOUT_MS = 5000
+# (a text SQLite holds that is not UTF-8, as damage leaves it, fails in Python's decoding)
+_FAILED = (peewee.DatabaseError, sqlite3.DatabaseError, OSError, UnicodeDecodeError)
+_UNREADABLE = (peewee.DatabaseError, sqlite3.DatabaseError, UnicodeDecodeError)
 
 
 class JournalDb:
@@ -64,7 +70,10 @@ class JournalDb:
                 # no checkpoint inside a commit a passenger waits for: the card loop
                 # checkpoints between taps (Files.checkpoint)
                 "wal_autocheckpoint": 0,
-                "busy_timeout": 5000,
+                # a WAL started over is cut back to WAL_LIMIT: on a small
+                # disk a WAL once grown must not keep its room for good
+                "journal_size_limit": WAL_LIMIT,
+                "busy_timeout": BUSY_TIMEOUT_MS,
                 "foreign_keys": 1,
             },
             autoconnect=True,
@@ -77,16 +86,22 @@ class JournalDb:
         self._passages_loaded = passages_loaded  # at open, from this many entries back
 
     # -- lifecycle -----------------------------------------------------------------------
-    def open(self) -> None:
-        self._refuse_foreign_file()
+    def open(self, check: Callable[[JournalDb], None] | None = None) -> None:
+        """Open (a new journal is made whole first, see :meth:`_create`), migrate, run
+        ``check`` (which refuses a damaged journal), and load what memory keeps."""
+        if not self._refuse_foreign_file():
+            self._create()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db.connect(reuse_if_open=True)
             self._migrate()
+            if check is not None:
+                check(self)
             self._load()
         except BaseException as err:
             self._db.close()
             if isinstance(err, _FAILED):
+                if _is_damage(err):
+                    raise damaged(self.path, str(err)) from err
                 raise wrap(err, f"cannot open the journal {self.path}") from err
             raise
 
@@ -95,16 +110,52 @@ class JournalDb:
             self._db.close()
         self._passages.forget()
 
-    def _refuse_foreign_file(self) -> None:
+    def _refuse_foreign_file(self) -> bool:
+        """Whether a journal is there; refused if it is not one, or is empty."""
         try:
             with self.path.open("rb") as fh:
                 head = fh.read(16)
         except FileNotFoundError:
-            return
+            return False
         except OSError as err:
             raise JournalError(f"cannot read the journal {self.path}: {err.strerror}") from err
-        if head and head != SQLITE_MAGIC:
+        if not head:
+            # a journal is made whole before it takes its name (_create): an empty file
+            # there lost its content (a failed disk, a copy gone wrong, a power cut
+            # under a filesystem that lost it), and a fresh journal would hide that
+            raise JournalError(
+                f"the journal {self.path} is empty (0 bytes): its entries are lost, "
+                "never started over silently. Restore it from a backup, or move it aside "
+                "(keep it for the record) to start a new journal; the head-end holds what "
+                "it acknowledged")
+        if head != SQLITE_MAGIC:
             raise JournalError(f"{self.path} is not an SQLite journal (corrupt or foreign file)")
+        return True
+
+    def _create(self) -> None:
+        """A new journal: made with its schema under a scratch name, fsynced, then given
+        its name. So the journal's name never holds a file that is not a journal yet,
+        and an empty file there is always a loss (see _refuse_foreign_file)."""
+        scratch = self.path.with_name(f".{self.path.name}.new")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{scratch}{suffix}").unlink(missing_ok=True)  # a start that died
+            new = peewee.SqliteDatabase(str(scratch), pragmas={"synchronous": 2})
+            try:
+                with new.atomic():
+                    for step in range(1, schema.SCHEMA_VERSION + 1):
+                        schema.MIGRATIONS[step](new)
+                    new.execute_sql(f"PRAGMA user_version = {schema.SCHEMA_VERSION}")  # type: ignore[no-untyped-call]
+                new.execute_sql("PRAGMA journal_mode = wal")  # type: ignore[no-untyped-call]
+            finally:
+                new.close()
+            _fsync(scratch)
+            os.rename(scratch, self.path)
+            _fsync(self.path.parent)
+        except _FAILED as err:
+            raise wrap(err, f"cannot create the journal {self.path}") from err
+        log.info("journal %s: created (schema %d)", self.path, schema.SCHEMA_VERSION)
 
     def _migrate(self) -> None:
         version = int(self.execute("PRAGMA user_version").fetchone()[0])
@@ -125,16 +176,19 @@ class JournalDb:
         """What memory keeps, from what the journal holds."""
         tail = self.execute(sql.TAIL).fetchone()
         if tail is not None:
-            self._tail_id, self._tail_hash = int(tail[0]), bytes(tail[1])
+            if not isinstance(tail[1], bytes) or len(tail[1]) != 32:
+                raise damaged(self.path, f"the last entry's hash is {tail[1]!r:.80}")
+            self._tail_id, self._tail_hash = int(tail[0]), tail[1]
         seq = self.execute(sql.MAX_SEQ).fetchone()[0]
-        stored = self.execute(sql.GET_META, (sql.MAX_TERMINAL_SEQ,)).fetchone()
-        self._max_seq = max(int(seq or 0), int(stored[0]) if stored else 0)
+        self._max_seq = max(_number(self.path, "terminal_seq", seq),
+                            stored_seq(self.path, self.meta(sql.MAX_TERMINAL_SEQ)))
         self._tears.load(self.read_entries(sql.PENDING_ALL))
         horizon = max(0, self._tail_id - self._passages_loaded)
         floor = self.execute(sql.PASSAGES_FLOOR, (horizon,)).fetchone()[0]
-        self._passages.load(None if floor is None else int(floor), (
-            (int(entry_id), bytes(serial), int(created_ms))
-            for entry_id, serial, created_ms in self.execute(sql.PASSAGES_AFTER, (horizon,))))
+        self._passages.load(None if floor is None else _number(self.path, "created_ms", floor), (
+            (int(entry_id), serial, int(created_ms))
+            for entry_id, serial, created_ms in self.execute(sql.PASSAGES_AFTER, (horizon,))
+            if isinstance(serial, bytes) and isinstance(created_ms, int)))
 
     # -- statements ----------------------------------------------------------------------
     @property
@@ -156,7 +210,7 @@ class JournalDb:
     def read(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:
             return list(self.execute(statement, params).fetchall())
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+        except _UNREADABLE as err:
             raise wrap(err, "cannot read the journal") from err
 
     def read_entries(self, statement: str, params: Sequence[Any] = ()) -> list[Entry]:
@@ -166,7 +220,7 @@ class JournalDb:
     def scalar(self, statement: str, params: Sequence[Any] = ()) -> Any:
         try:
             row = self.execute(statement, params).fetchone()
-        except (peewee.DatabaseError, sqlite3.DatabaseError) as err:
+        except _UNREADABLE as err:
             raise wrap(err, "cannot read the journal") from err
         return row[0] if row else None
 
@@ -312,8 +366,9 @@ class JournalDb:
             try:
                 with self._db.atomic():
                     last_hash, max_seq = self.execute(sql.PRUNED_RUN, (upto, upto)).fetchone()
-                    stored = self.execute(sql.GET_META, (sql.MAX_TERMINAL_SEQ,)).fetchone()
-                    seq = max(int(max_seq or 0), int(stored[0]) if stored else 0, self._max_seq)
+                    stored = stored_seq(self.path, self.meta(sql.MAX_TERMINAL_SEQ))
+                    seq = max(_number(self.path, "terminal_seq", max_seq), stored,
+                              self._max_seq)
                     deleted = int(self.execute(sql.PRUNE_THROUGH, (upto,)).rowcount)
                     self.execute(sql.SET_META, (sql.CHAIN_ANCHOR, wire_value(bytes(last_hash))))
                     self.execute(sql.SET_META, (sql.MAX_TERMINAL_SEQ, str(seq)))
@@ -322,6 +377,37 @@ class JournalDb:
             self._max_seq = seq
             self._passages.pruned(upto)
             return deleted
+
+
+SALVAGE_HINT = ("`tapgate journal salvage` copies out what can still be read: stop the "
+                "gate, run it with --out NEW.db, and point journal.path at NEW.db")
+
+
+def damaged(path: object, what: str) -> JournalError:
+    return JournalError(f"the journal {path} is damaged ({what}): {SALVAGE_HINT}")
+
+
+def stored_seq(path: object, value: str | None) -> int:
+    """meta's highest terminal sequence number: a decimal number, or refused."""
+    if value is None:
+        return 0
+    if not (value.isascii() and value.isdigit()):
+        raise damaged(path, f"meta {sql.MAX_TERMINAL_SEQ} is {value[:40]!r}, not a number")
+    return int(value)
+
+
+def chain_anchor(path: object, value: str | None) -> bytes:
+    """meta's chain anchor (the hash of the last entry pruned): 32 bytes, or refused."""
+    if value is None:
+        return GENESIS
+    try:
+        anchor = bytes.fromhex(value)
+    except ValueError:
+        anchor = b""
+    if len(anchor) != 32:
+        raise damaged(path, f"meta {sql.CHAIN_ANCHOR} is {value[:80]!r}, not a hash")
+    return anchor
+
 
 
 def wrap(err: BaseException, doing: str) -> JournalError:
@@ -334,6 +420,30 @@ def wrap(err: BaseException, doing: str) -> JournalError:
             return JournalFull(f"{doing}: {cause}")
         cause = cause.__context__
     return JournalError(f"{doing}: {err}")
+
+
+def _is_damage(err: BaseException) -> bool:
+    """SQLite's word for a file whose content is not what it wrote."""
+    return isinstance(err, UnicodeDecodeError) or (
+        isinstance(err, sqlite3.DatabaseError | peewee.DatabaseError)
+        and any(word in str(err) for word in ("malformed", "not a database", "corrupt")))
+
+
+def _number(path: object, what: str, value: Any) -> int:
+    """A column's aggregate (MAX) as an int: None is 0; another type is damage."""
+    if value is None:
+        return 0
+    if not isinstance(value, int):
+        raise damaged(path, f"{what} holds {value!r:.40}, not a number")
+    return value
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_full(err: BaseException) -> bool:

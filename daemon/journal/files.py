@@ -1,5 +1,10 @@
 """The journal's files on disk: the WAL copied back between taps and fsynced on demand,
-their size, and the room left on their filesystem."""
+their size, and the room left on their filesystem.
+
+The WAL is bounded: once copied back it keeps at most WAL_LIMIT of the disk
+(journal_size_limit), and none when the disk is short of space or the WAL grew past its
+limit (a TRUNCATE checkpoint): a WAL that filled a small disk while checkpoints failed
+gives the room back once they work again, and the gate comes back into service."""
 
 from __future__ import annotations
 
@@ -12,10 +17,14 @@ import threading
 import peewee
 
 from daemon.journal import sql
-from daemon.journal.db import JournalDb, wrap
+from daemon.journal.db import BUSY_TIMEOUT_MS, WAL_LIMIT, JournalDb, wrap
 from protocol.errors import JournalError
 
 log = logging.getLogger("tapgate.journal")
+
+# Below this much free disk every checkpoint gives the WAL's room back (TRUNCATE): the
+# next commit starts a new WAL file, two fsyncs instead of one, which a short disk pays.
+SHORT_OF_SPACE = 4 * WAL_LIMIT
 
 
 class Files:
@@ -63,10 +72,33 @@ class Files:
             log.warning("journal checkpoint failed (retried later): %s", err)
             return
         if busy == 0 and frames > 0 and copied == frames:
+            if self._wal_bytes() > WAL_LIMIT or self._disk_free() < SHORT_OF_SPACE:
+                self._truncate_wal()
             try:
                 self._start_wal_over()
             except JournalError as err:
                 log.debug("journal WAL not started over (the next commit will): %s", err)
+
+    def _truncate_wal(self) -> None:
+        """Give the WAL's room back to the disk: a TRUNCATE checkpoint, which waits for
+        no reader (one that holds the WAL makes it give up, to be tried again later)."""
+        try:
+            self._db.execute("PRAGMA busy_timeout = 0")
+            try:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except (peewee.DatabaseError, sqlite3.DatabaseError, OSError) as err:
+            log.warning("journal WAL not truncated (tried again later): %s", err)
+            return
+        if busy:
+            log.info("journal WAL not truncated: a reader holds it (tried again later)")
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(f"{self._db.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
 
     def _wal_state(self) -> tuple[int, int, int]:
         """What changes whenever anything commits: this thread's connection's own
@@ -83,7 +115,12 @@ class Files:
         self._wal_primed = state
 
     def free_bytes(self) -> int:
-        """Free space on the journal's filesystem, as an unprivileged writer sees it."""
+        """Free space on the journal's filesystem, as an unprivileged writer sees it, less
+        the room the WAL may still grow into up to its limit: the reserve of free disk
+        that a debit needs to start is then there with the WAL grown too."""
+        return max(0, self._disk_free() - max(0, WAL_LIMIT - self._wal_bytes()))
+
+    def _disk_free(self) -> int:
         st = os.statvfs(self._db.path.parent)
         return st.f_bavail * st.f_frsize
 

@@ -64,6 +64,7 @@ class SalvageReport:
     lost: list[Gap] = field(default_factory=list)
     tail_unknown: bool = False  # the last id could not be read: entries after may be lost
     max_terminal_seq: int | None = None  # what meta says the sequence continues from
+    meta_lost: list[str] = field(default_factory=list)  # meta values that were unreadable
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -72,7 +73,7 @@ class SalvageReport:
 
     @property
     def complete(self) -> bool:
-        return not self.lost and not self.tail_unknown
+        return not self.lost and not self.tail_unknown and not self.meta_lost
 
     def _note_loss(self, entry_id: int, why: str) -> None:
         last = self.lost[-1] if self.lost else None
@@ -98,6 +99,7 @@ class SalvageReport:
         if self.tail_unknown:
             out.append(f"lost: entries after id {self.last_id}, if there were any (the end of "
                        "the table could not be read)")
+        out += self.meta_lost
         out += self.notes
         if self.complete:
             out.append("nothing lost")
@@ -134,7 +136,7 @@ def salvage(source: Path, out: Path, *, chunk: int = CHUNK) -> SalvageReport:
             raise JournalError(f"{out} exists: salvage never overwrites a file") from err
         _fsync_dir(out.parent)
         return report
-    except (OSError, sqlite3.DatabaseError) as err:
+    except (OSError, sqlite3.DatabaseError, UnicodeDecodeError) as err:
         raise JournalError(f"cannot salvage {source} into {out}: {err}") from err
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -341,9 +343,20 @@ def _copy_meta(src: sqlite3.Connection, dst: sqlite3.Connection, report: Salvage
     for key, value in rows:
         with contextlib.suppress(sqlite3.DatabaseError):
             dst.execute(sql.SET_META, (key, value))
-    stored = str(dict(rows).get(sql.MAX_TERMINAL_SEQ) or "")
-    known = max(max_seq, int(stored) if stored.isdigit() else 0)
-    if report.lost or report.tail_unknown:
+    stored = dict(rows).get(sql.MAX_TERMINAL_SEQ)
+    number = str(stored) if stored is not None else ""
+    readable = number.isascii() and number.isdigit()
+    if stored is not None and not readable:
+        # it held the highest number ever used, entries pruned included: that is lost
+        report.meta_lost.append(
+            f"lost: meta {sql.MAX_TERMINAL_SEQ} ({str(stored)[:40]!r} is not a number): "
+            "the highest terminal sequence number of the entries pruned before is unknown")
+    known = max(max_seq, int(number) if readable else 0)
+    if report.meta_lost:
+        # each intent took the highest number used + 1 and its own id: none went past
+        # the highest id (unless a salvage moved the numbers on: then meta said more)
+        known = max(known, report.last_id or 0)
+    if report.lost or report.tail_unknown or report.meta_lost:
         bound = known + report.lost_entries + (TAIL_PROBE if report.tail_unknown else 0)
         dst.execute(sql.SET_META, (sql.MAX_TERMINAL_SEQ, str(bound)))
         report.max_terminal_seq = bound

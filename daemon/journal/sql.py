@@ -124,3 +124,25 @@ UNACKED_WIRE = ("SELECT group_concat(id), group_concat(uuid), group_concat(wire)
                 "AND id > ? ORDER BY id LIMIT ?)")
 
 WAL_STATE = "SELECT total_changes(), (SELECT data_version FROM pragma_data_version)"
+
+# -- what start-up relies on, checked before it is believed (integrity.check_start) -------
+BETWEEN = f"SELECT {COLUMNS} FROM entry WHERE id BETWEEN ? AND ? ORDER BY id"
+DANGLING_IDS = f"SELECT i.id FROM entry AS i WHERE {_DANGLING_INTENT}"
+PENDING_TEAR_IDS = f"SELECT t.id FROM entry AS t INDEXED BY entry_torn_by_card WHERE {PENDING_TEAR}"
+# The indexes start-up finds open intents and tears through, summed key by key against
+# the table itself (quick_check never compares them): the ref index's (ref, id) pairs,
+# and the partial index of tears' ids.
+_REF_KEY = "(ref * 65537 + id) % 1000000007"
+_IS_TEAR = f"kind = '{KIND_DEBIT}' AND state = '{TORN}'"
+# one pass over the table; the same four numbers from the two indexes
+SUMS_BY_TABLE = (f"SELECT COUNT(ref), SUM({_REF_KEY}), COUNT(CASE WHEN {_IS_TEAR} THEN 1 END), "
+                 f"SUM(CASE WHEN {_IS_TEAR} THEN id % 1000000007 END) FROM entry NOT INDEXED")
+SUMS_BY_INDEX = (f"SELECT (SELECT COUNT(ref) FROM entry INDEXED BY entryrow_ref "
+                 f"WHERE ref IS NOT NULL), (SELECT SUM({_REF_KEY}) FROM entry INDEXED BY "
+                 f"entryrow_ref WHERE ref IS NOT NULL), (SELECT COUNT(*) FROM entry INDEXED BY "
+                 f"entry_torn_by_card WHERE {_IS_TEAR}), (SELECT SUM(id % 1000000007) FROM "
+                 f"entry INDEXED BY entry_torn_by_card WHERE {_IS_TEAR})")
+
+# The entries that refer to the open ones, and those the open ones refer to ({ids}: a
+# list of integers the journal read itself).
+REFERRING_IDS = "SELECT id, ref FROM entry WHERE ref IN ({ids}) OR id IN ({ids})"

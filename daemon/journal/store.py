@@ -28,6 +28,7 @@ from daemon.journal.audit import Audit, VerifyReport
 from daemon.journal.control import Control, RemoteState
 from daemon.journal.db import SQLITE_MAGIC, JournalDb
 from daemon.journal.files import Files
+from daemon.journal.integrity import check_start
 from daemon.journal.outbox import Outbox, Outgoing
 from protocol.entry import Draft, Entry
 
@@ -45,8 +46,11 @@ PASSAGES_LOADED = 5000
 
 class Journal:
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
-                 signer: Ed25519PrivateKey | None = None) -> None:
+                 signer: Ed25519PrivateKey | None = None, start_check: bool = True) -> None:
+        """``start_check``: refuse to open a damaged journal (:mod:`.integrity`); off
+        only for :meth:`verify`, which reports the damage instead."""
         self.path = Path(path)
+        self._start_check = start_check
         # the part every other part holds; public for tools and tests that look under the
         # facade (a query plan, a trace of the SQL, a page cap to fill the disk)
         self.db = JournalDb(self.path, clock=clock, signer=signer,
@@ -60,7 +64,7 @@ class Journal:
 
     # -- lifecycle -----------------------------------------------------------------------
     def open(self) -> Journal:
-        self.db.open()
+        self.db.open(check_start if self._start_check else None)
         self._opened = True
         return self
 
