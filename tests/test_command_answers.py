@@ -22,28 +22,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+import tests.command_support as support
 from daemon.config import OperatorsConfig
 from daemon.journal.control import ANSWERS_KEPT
 from daemon.sync.commands import Commands
-from daemon.sync.handlers import GateControl
 from daemon.sync.link import ANSWER_SLOTS
 from headend import command
 from headend.mqtt import Broker
 from protocol import contract
 from protocol.command import MAX_DEPTH, Incoming
-from tests.configs import gate_config
+from tests.command_support import TIMEOUT_S, Console, Operator, TestGate
 from tests.fixtures.mosquitto import Mosquitto
 from tests.proxy import Proxy
-from tests.rig import Rig
-from tests.test_commands import TIMEOUT_S, Console, Operator, TestGate, new_gate_id
 from tests.waiting import wait_until
-
-
-@pytest.fixture
-def console(mosquitto: Mosquitto) -> Iterator[Console]:
-    c = Console(mosquitto)
-    yield c
-    c.close()
 
 
 @pytest.fixture
@@ -121,29 +112,10 @@ def test_a_retry_with_the_same_seq_gets_the_answer_and_applies_nothing_twice(
     assert gate.commands.stats.applied == 1
 
 
-def _gate_in_process(tmp_path: Path, op: Operator
-                     ) -> tuple[Rig, Commands, list[tuple[str, bytes, dict[str, Any]]]]:
-    gid = new_gate_id()
-    rig = Rig(tmp_path, config=gate_config(terminal_id=bytes.fromhex(gid)))
-    published: list[tuple[str, bytes, dict[str, Any]]] = []
-
-    def publish(topic: str, payload: bytes, **kw: Any) -> bool:
-        published.append((topic, payload, kw))
-        return True
-
-    opened: list[int] = []
-    control = GateControl(processor=rig.processor, config=rig.config, telemetry=dict,
-                          open_gate=lambda: opened.append(1))
-    commands = Commands(gate_id=gid, operators=OperatorsConfig(
-        keys={op.key_id: bytes.fromhex(op.public_hex)}), journal=rig.journal,
-        control=control, publish=publish)
-    return rig, commands, published
-
-
 def test_kept_answers_survive_a_restart_and_only_the_same_command_gets_them(
         tmp_path: Path) -> None:
     op = Operator()
-    rig, commands, _ = _gate_in_process(tmp_path, op)
+    rig, commands, _ = support.gate_in_process(tmp_path, [op], opened=[])
     gid = commands.gate_id
     reply_to = contract.reply_topic(gid) + "/r"
 
@@ -191,7 +163,7 @@ def _nested(levels: int) -> bytes:
 
 def test_deeply_nested_commands_are_refused_as_malformed(tmp_path: Path) -> None:
     op = Operator()
-    rig, commands, published = _gate_in_process(tmp_path, op)
+    rig, commands, published = support.gate_in_process(tmp_path, [op])
     gid = commands.gate_id
     reply_to = contract.reply_topic(gid) + "/r"
     deep_args: Any = {}
@@ -217,7 +189,7 @@ def test_the_operator_tool_survives_a_deeply_nested_answer(mosquitto: Mosquitto)
     ignores the first (before, paho's thread died on a RecursionError) and takes the
     second."""
     op = Operator()
-    gid = new_gate_id()
+    gid = support.new_gate_id()
     fake = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
