@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--seq", type=int, help="sequence number (default: the last one + 1)")
     cmd.add_argument("--timeout", type=float, default=10.0,
                      help="seconds to wait for the answer (all answers, for the fleet)")
+    cmd.add_argument("--retries", type=int, default=2,
+                     help="times a gate's command is sent again, same seq, when no answer "
+                          "came (the gate applies it once and answers again)")
 
     keygen = sub.add_parser("keygen", help="write a new operator key, print its id")
     keygen.add_argument("--out", type=Path, required=True)
@@ -184,12 +187,14 @@ def _command(args: argparse.Namespace) -> int:
         "gate", args.target)
     if args.ttl <= 0 or args.timeout <= 0:
         raise ConfigError("--ttl/--timeout", f"{args.ttl}/{args.timeout}", "must be positive")
+    if args.retries < 0:
+        raise ConfigError("--retries", str(args.retries), "must be 0 or more")
     broker = _broker(args)
     key = keys.load_operator_key(args.key_file)
     request = command.Request(target=target, name=args.name,
                               args=command.parse_args(args.args),
                               seq=command.next_seq(command.state_dir(), args.seq),
-                              ttl_s=args.ttl, timeout_s=args.timeout)
+                              ttl_s=args.ttl, timeout_s=args.timeout, retries=args.retries)
     return command.send(broker, key, args.key_id or keys.key_id(key), request, sys.stdout)
 
 

@@ -9,6 +9,10 @@ Correlation Data.
 Sequence numbers never repeat from one operator machine: the last one used is kept in
 ``$XDG_STATE_HOME/tapgate-headend/seq`` (default ``~/.local/state``), under a lock, and
 ``--seq`` moves it forward.
+
+A command to one gate that gets no answer in time is sent again, the same signed bytes
+with the same seq and reply topic (``--retries``): a gate that applied it answers with
+the answer it gave then, and applies nothing twice. A new seq would be a new command.
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ class Request:
     args: dict[str, Any]
     seq: int
     ttl_s: int
-    timeout_s: float
+    timeout_s: float  # per attempt
+    retries: int = 2  # a gate's command sent again (same seq) when no answer came
 
 
 def send(broker: Broker, key: Ed25519PrivateKey, key_id: str, request: Request,
@@ -107,7 +112,8 @@ def send(broker: Broker, key: Ed25519PrivateKey, key_id: str, request: Request,
     """Send one signed command and print its answer(s) as JSON lines.
 
     A gate: the first answer, exit 0 if it says ok, 3 if the gate refused, 1 if none came
-    in time. The fleet: every answer until the timeout, exit 1 if none came.
+    in time, after ``retries`` more attempts with the same seq. The fleet: every answer
+    until the timeout, exit 1 if none came (sent once: every gate would answer again).
     """
     now = int(clock() * 1000)
     body = contract.CommandBody(target=request.target, seq=request.seq, issued_at=now,
@@ -150,7 +156,7 @@ def send(broker: Broker, key: Ed25519PrivateKey, key_id: str, request: Request,
             return
         try:
             reply = json.loads(msg.payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # raised here, it would end paho's thread
             log.warning("an answer that is not JSON: %r", msg.payload[:200])
             return
         if not isinstance(reply, dict):
@@ -180,14 +186,22 @@ def send(broker: Broker, key: Ed25519PrivateKey, key_id: str, request: Request,
     try:
         if not ready.wait(request.timeout_s) or failure:
             raise SyncError(failure[0] if failure else f"{broker} did not answer in time")
-        info = client.publish(topic, payload, qos=1, properties=publish_properties(
-            response_topic=reply_topic, correlation=correlation))
-        log.info("sent %s seq %d to %s (reply on %s)", request.name, request.seq, topic,
-                 reply_topic)
-        deadline = time.monotonic() + request.timeout_s
-        with contextlib.suppress(RuntimeError, ValueError):
-            info.wait_for_publish(request.timeout_s)
-        answered.wait(max(0.0, deadline - time.monotonic()))
+        for attempt in range(1 + (0 if fleet else max(0, request.retries))):
+            if attempt and clock() * 1000 >= body.expires_at:
+                break  # the gate would only say "expired", whatever it did the first time
+            if attempt:
+                log.warning("no answer to %s seq %d within %.0f s: sending it again (the "
+                            "same seq: applied once at most)", request.name, request.seq,
+                            request.timeout_s)
+            info = client.publish(topic, payload, qos=1, properties=publish_properties(
+                response_topic=reply_topic, correlation=correlation))
+            log.info("sent %s seq %d to %s (reply on %s)", request.name, request.seq, topic,
+                     reply_topic)
+            deadline = time.monotonic() + request.timeout_s
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(request.timeout_s)
+            if answered.wait(max(0.0, deadline - time.monotonic())):
+                break
     finally:
         client.disconnect()
         client.loop_stop()

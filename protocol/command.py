@@ -4,7 +4,8 @@ how one is parsed and verified, and the reasons it is refused.
 It is refused, with the reason, when it is:
 
     too large        more than contract.MAX_COMMAND_BYTES (not read at all)
-    malformed: ...   not JSON, or not the shape of a signed command
+    malformed: ...   not JSON, nested deeper than MAX_DEPTH, or not the shape of a
+                     signed command
     unknown key id   no operator key of that id in [operators] keys (removed: rotated out)
     bad signature    the key's Ed25519 signature over the canonical body does not verify
     not for this gate  the target is another gate, or does not match the topic
@@ -50,6 +51,10 @@ EXPIRED = "expired"
 FUTURE = "issued in the future"
 REPLAYED = "replayed"
 UNKNOWN_COMMAND = "unknown command"
+# Objects and lists inside one another, the envelope included: what a command needs is
+# a handful; what is deeper than this is refused before anything walks it recursively.
+MAX_DEPTH = 32
+TOO_DEEP = f"malformed: nested deeper than {MAX_DEPTH} levels"
 
 
 class Refused(Exception):
@@ -88,12 +93,40 @@ def _integer(obj: Mapping[str, Any], key: str) -> int:
     return value
 
 
-def parse(payload: bytes) -> SignedCommand:
-    """The signed command in ``payload``, or :class:`Refused` (malformed)."""
+def depth(obj: Any) -> int:
+    """How many objects and lists deep ``obj`` is (walked without recursion)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def loads(payload: bytes) -> Any:
+    """JSON text at most MAX_DEPTH deep, or :class:`Refused` (malformed)."""
     try:
         obj = json.loads(payload)
+    except RecursionError:  # the parser's own limit (~1,000 levels) came first
+        raise Refused(TOO_DEEP) from None
     except (ValueError, UnicodeDecodeError):
         raise Refused("malformed: not JSON") from None
+    if depth(obj) > MAX_DEPTH:  # or canonical() would recurse through it when signing
+        raise Refused(TOO_DEEP)
+    return obj
+
+
+def parse(payload: bytes) -> SignedCommand:
+    """The signed command in ``payload``, or :class:`Refused` (malformed)."""
+    obj = loads(payload)
     if not isinstance(obj, dict) or set(obj) != {"key_id", "body", "sig"}:
         raise Refused("malformed: a signed command is an object of key_id, body and sig")
     body, key_id, sig = obj["body"], obj["key_id"], obj["sig"]

@@ -16,7 +16,7 @@ from tests.rig import Rig
 
 pytest_plugins = ["tests.fixtures.pcsc", "tests.fixtures.mosquitto", "tests.fixtures.bluez",
                   "tests.headend_support", "tests.uplink_support", "tests.asyncapi_support",
-                  "tests.daemon_process"]
+                  "tests.daemon_process", "tests.command_support"]
 
 
 @pytest.fixture

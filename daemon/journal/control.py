@@ -1,8 +1,10 @@
-"""Remote management state (journal schema v5): what operators' commands changed (the
-deny list, config values, the desired state's version) and the highest sequence number
-applied from each operator key. It lives in the journal so that it survives a restart,
-and a command's check-and-record of its sequence number and the state it changes are
-one transaction (:meth:`RemoteState.control`): all or nothing, and a replay is refused.
+"""Remote management state (journal schema v5, v6): what operators' commands changed
+(the deny list, config values, the desired state's version), the highest sequence number
+applied from each operator key and the answers the last ANSWERS_KEPT of them got. It
+lives in the journal so that it survives a restart, and a command's check-and-record of
+its sequence number, its answer and the state it changes are one transaction
+(:meth:`RemoteState.control`): all or nothing, and a replay is refused (or, the same
+command sent again, told the answer it got).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from daemon.journal import sql
@@ -20,6 +23,13 @@ DESIRED_VERSION = "desired_version"
 DESIRED_DIGEST = "desired_digest"  # of the applied desired state's args, beside its version
 _LAST_SEQ = "SELECT seq FROM command_seq WHERE key_id = ?"
 _CLAIM_SEQ = "INSERT OR REPLACE INTO command_seq (key_id, seq) VALUES (?, ?)"
+_ANSWER = "SELECT digest, reply FROM command_answer WHERE key_id = ? AND seq = ?"
+_SET_ANSWER = ("INSERT OR REPLACE INTO command_answer (key_id, seq, digest, reply) "
+               "VALUES (?, ?, ?, ?)")
+# all but the newest ANSWERS_KEPT of one key's
+_FORGET_ANSWERS = ("DELETE FROM command_answer WHERE key_id = ? AND seq <= (SELECT seq "
+                   "FROM command_answer WHERE key_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)")
+ANSWERS_KEPT = 64  # per operator key: a tool's retries come within minutes, not 64 commands
 _DENIED = "SELECT serial FROM deny_list"
 _DENY = "INSERT OR IGNORE INTO deny_list (serial) VALUES (?)"
 _UNDENY = "DELETE FROM deny_list WHERE serial = ?"
@@ -59,6 +69,15 @@ class RemoteState:
             yield Control(self._db)
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A seq not above the highest applied (``last``), and the answer that command got
+    when it is kept and the command is the same (its digest); else None: a replay."""
+
+    last: int
+    answer: str | None
+
+
 class Control:
     """Inside :meth:`RemoteState.control`: reads and writes of the remote management state
     (SQLite's errors as they are: the transaction says what failed)."""
@@ -66,14 +85,24 @@ class Control:
     def __init__(self, db: JournalDb) -> None:
         self._db = db
 
-    def claim_seq(self, key_id: str, seq: int) -> int | None:
+    def claim_seq(self, key_id: str, seq: int, digest: bytes = b"") -> Claimed | None:
         """Record ``seq`` as applied from ``key_id`` and return None, or, when it is not
-        above the highest applied so far (a replay), write nothing and return that."""
+        above the highest applied so far, write nothing and return what it was
+        (:class:`Claimed`: the answer it got, if it is the same command, by
+        ``digest``)."""
         row = self._db.execute(_LAST_SEQ, (key_id,)).fetchone()
         if row is not None and seq <= int(row[0]):
-            return int(row[0])
+            kept = self._db.execute(_ANSWER, (key_id, seq)).fetchone()
+            same = kept is not None and bytes(kept[0]) == digest != b""
+            return Claimed(int(row[0]), str(kept[1]) if same else None)
         self._db.execute(_CLAIM_SEQ, (key_id, seq))
         return None
+
+    def keep_answer(self, key_id: str, seq: int, digest: bytes, reply: bytes) -> None:
+        """The answer a claimed seq got (or gets, until replaced once it is known); only
+        the newest ANSWERS_KEPT of a key are kept."""
+        self._db.execute(_SET_ANSWER, (key_id, seq, digest, reply.decode("utf-8")))
+        self._db.execute(_FORGET_ANSWERS, (key_id, key_id, ANSWERS_KEPT))
 
     def savepoint(self) -> contextlib.AbstractContextManager[object]:
         """A nested transaction: what a refused command wrote is undone, its seq kept."""

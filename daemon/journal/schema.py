@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import peewee
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each migration is frozen DDL: what the schema was at that version, so an old journal
 # and a new one end up with the same tables.
@@ -56,6 +56,15 @@ _V5 = (
     '"value" TEXT NOT NULL)',
 )
 
+# v6: the answer each command got, kept with its seq (the last few per operator key): an
+# operator's tool that had no answer sends the same seq again and is told what the gate
+# said the first time, instead of "replayed" (or applying it twice under a new seq).
+# ``digest`` is of the command's target, name and args: only the same command gets it.
+_V6 = (
+    'CREATE TABLE "command_answer" ("key_id" VARCHAR(64) NOT NULL, "seq" INTEGER NOT NULL, '
+    '"digest" BLOB NOT NULL, "reply" TEXT NOT NULL, PRIMARY KEY ("key_id", "seq"))',
+)
+
 
 def _ddl(*statements: str) -> Callable[[peewee.SqliteDatabase], None]:
     def migrate(db: peewee.SqliteDatabase) -> None:
@@ -71,4 +80,5 @@ MIGRATIONS: dict[int, Callable[[peewee.SqliteDatabase], None]] = {
     3: _ddl(*_V3),
     4: _ddl(*_V4),
     5: _ddl(*_V5),
+    6: _ddl(*_V6),
 }

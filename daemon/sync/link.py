@@ -38,6 +38,11 @@ CONNACK_TIMEOUT_S = 15.0
 STOP_PUBLISH_TIMEOUT_S = 2.0  # on a clean stop: how long the offline status may take
 HEALTHY_AFTER_S = 30.0  # a connection that lasted this long resets the backoff
 SPARE_SLOTS = 4  # paho's queue: the outbox's window plus status messages
+# ... plus, apart from both, what BrokerLink.publish sends (commands' answers, the
+# reported state): they wait for a slot of their own while connected, never take the
+# outbox's, and are never dropped for want of room.
+ANSWER_SLOTS = 8
+ROOM_POLL_S = 0.1  # a slot is looked for at least this often (PUBACKs also wake it)
 
 
 class Wakeup:
@@ -83,6 +88,8 @@ class _State:
         self.reason = ""
         self.resumed = False  # the broker still had our session
         self.refused = 0  # publishes the broker refused (PUBACK with an error)
+        self.room = threading.Event()  # a PUBACK came: a slot may be free
+        self.answers: list[mqtt.MQTTMessageInfo] = []  # BrokerLink.publish's, unacked
 
 
 class Connection:
@@ -129,8 +136,8 @@ class Session(Protocol):
 
 class BrokerLink:
     """The gate's one connection to the broker at a time, made again after each loss;
-    what it publishes from outside its thread goes on the connection there is, or not
-    at all."""
+    what it publishes from outside its thread goes on the connection there is (waiting
+    for a slot of its own while it lasts), or not at all."""
 
     def __init__(self, *, config: MqttConfig, gate_id: str, wakeup: Wakeup | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -143,6 +150,7 @@ class BrokerLink:
         self._tx_topic = contract.tx_topic(gate_id)
         self._current: mqtt.Client | None = None  # the connected client, for publish()
         self._state: _State | None = None
+        self._publishing = threading.Lock()  # publish()'s slots are counted one at a time
 
     @property
     def address(self) -> str:
@@ -156,13 +164,26 @@ class BrokerLink:
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 correlation: bytes | None = None) -> bool:
         """Publish on the current connection (QoS 1), from any thread: a command's answer,
-        the reported state. False when there is no connection: nothing is queued."""
-        client, state = self._current, self._state
-        if client is None or state is None or not state.connected.is_set():
-            return False
+        the reported state. While connected it waits for one of the ANSWER_SLOTS (the
+        broker's PUBACKs free them); False when there is no connection: nothing is
+        queued."""
         props = transport.publish_properties(correlation=correlation)
-        info = client.publish(topic, payload, qos=1, retain=retain, properties=props)
-        return bool(info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS)
+        with self._publishing:
+            while True:
+                client, state = self._current, self._state
+                if client is None or state is None or not state.connected.is_set():
+                    return False
+                state.room.clear()  # before looking: a PUBACK from now on wakes the wait
+                state.answers = [i for i in state.answers if not i.is_published()]
+                if len(state.answers) < ANSWER_SLOTS:
+                    info = client.publish(topic, payload, qos=1, retain=retain,
+                                          properties=props)
+                    if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        state.answers.append(info)
+                        return True
+                    if info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                        return False  # the connection just went
+                state.room.wait(ROOM_POLL_S)
 
     def run(self, stop: threading.Event, session: Session) -> None:
         """Connect, serve ``session``, reconnect, until ``stop`` is set. Runs in its own
@@ -202,8 +223,8 @@ class BrokerLink:
         except (OSError, ValueError) as err:
             raise SyncError(f"MQTT TLS setup (mqtt.tls_ca / tls_cert / tls_key): {err}"
                             ) from err
-        client.max_inflight_messages_set(cfg.window + SPARE_SLOTS)
-        client.max_queued_messages_set(cfg.window + SPARE_SLOTS)
+        client.max_inflight_messages_set(cfg.window + SPARE_SLOTS + ANSWER_SLOTS)
+        client.max_queued_messages_set(cfg.window + SPARE_SLOTS + ANSWER_SLOTS)
         will = contract.Status(self.gate_id, contract.OFFLINE, self._now_ms(),
                                {"reason": "connection lost"})
         client.will_set(self._status_topic, will.encode(), qos=1, retain=True)
@@ -269,10 +290,12 @@ class BrokerLink:
         state.connected.clear()
         state.ended.set()
         state.changed.set()
+        state.room.set()  # a publisher waiting for a slot: there is no connection now
         self.wakeup.ring()
 
     def _on_publish(self, client: mqtt.Client, state: _State, mid: int, reason: ReasonCode,
                     properties: Properties | None) -> None:
+        state.room.set()
         if reason.is_failure:
             state.refused += 1
             if state.refused == 1:  # the batch stays pending; say why once per connection
