@@ -298,8 +298,8 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
     known = {"gate", "reader", "sam", "journal", "gateio", "log", "metrics", "service", "mqtt",
              "operators", "beacon"}
     for name, table in raw.items():
-        if name not in known:
-            raise ConfigError(name, "...", "unknown section")
+        if name not in known:  # (TOML allows [""]: named so the message shows it)
+            raise ConfigError(name or '""', "...", "unknown section")
         if not isinstance(table, dict):
             raise ConfigError(name, table, "must be a table")
     sec = {name: _Section(name, raw.get(name, {})) for name in known}
