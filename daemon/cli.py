@@ -20,6 +20,7 @@ from typing import Any
 
 from daemon import __version__, cli_journal
 from daemon.config import CARD_TYPES, Config, load
+from daemon.configfiles import check_files
 from protocol import devicekey
 from protocol.errors import ConfigError, TapgateError
 
@@ -129,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     check = csub.add_parser("check", help="validate a config file and print the effective "
                                           "configuration as TOML (secrets masked)")
     check.add_argument("file", type=Path)
+    check.add_argument("--no-files", action="store_true",
+                       help="values only: do not look at the files it names (a config "
+                            "for another machine)")
     overrides(check)
     return parser
 
@@ -266,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "config":
             config = load(args.file, overrides=dict(args.overrides))
+            if not args.no_files:
+                check_files(config)
             sys.stdout.write(config_toml(config))
             return 0
         config = load(args.config, overrides=dict(args.overrides))

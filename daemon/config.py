@@ -26,6 +26,7 @@ ENV_PREFIX = "TAPGATE_"
 # PURSE.md's test TAC master key: the simulator's cards use it unless told otherwise.
 DEMO_TAC_KEY = bytes.fromhex("101112131415161718191A1B1C1D1E1F")
 Raw = dict[str, dict[str, Any]]
+DEFAULT_JOURNAL = Path("var/journal.db")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,7 @@ class SamConfig:
 
 @dataclass(frozen=True, slots=True)
 class JournalConfig:
-    path: Path = Path("var/journal.db")
+    path: Path = DEFAULT_JOURNAL
     device_key: Path | None = None  # Ed25519 key every entry is signed with (tapgate keygen)
     reserve_bytes: int = 1 << 20  # below this much free disk, no new debit starts
 
@@ -297,8 +298,8 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
     known = {"gate", "reader", "sam", "journal", "gateio", "log", "metrics", "service", "mqtt",
              "operators", "beacon"}
     for name, table in raw.items():
-        if name not in known:
-            raise ConfigError(name, "...", "unknown section")
+        if name not in known:  # (TOML allows [""]: named so the message shows it)
+            raise ConfigError(name or '""', "...", "unknown section")
         if not isinstance(table, dict):
             raise ConfigError(name, table, "must be a table")
     sec = {name: _Section(name, raw.get(name, {})) for name in known}
@@ -335,18 +336,16 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
     s = sec["sam"]
     backend = _backend(s, "software", ("software",))
     purchase_key = s.hexbytes("purchase_key", 16, None)
-    key_file_raw = s.string("key_file", "") if s.table.get("key_file") is not None else ""
-    if (purchase_key is None) == (not key_file_raw):
+    key_file = s.path("key_file")
+    if (purchase_key is None) == (key_file is None):
         raise ConfigError("sam.purchase_key", "<hidden>" if purchase_key else None,
                           "set exactly one of sam.purchase_key and sam.key_file")
-    sam = SamConfig(backend=backend, purchase_key=purchase_key,
-                    key_file=Path(key_file_raw) if key_file_raw else None)
+    sam = SamConfig(backend=backend, purchase_key=purchase_key, key_file=key_file)
 
     j = sec["journal"]
-    device_key = j.string("device_key", "") if j.table.get("device_key") is not None else ""
     journal = JournalConfig(
-        path=Path(j.string("path", "var/journal.db")),
-        device_key=Path(device_key) if device_key else None,
+        path=j.path("path", DEFAULT_JOURNAL) or DEFAULT_JOURNAL,
+        device_key=j.path("device_key"),
         reserve_bytes=j.integer("reserve_bytes", 1 << 20, low=0, high=1 << 40),
     )
 
@@ -361,8 +360,7 @@ def validate(raw: Raw, source: Path | None = None) -> Config:
         raise ConfigError("metrics.listen", listen, "must be HOST:PORT, e.g. 127.0.0.1:9464")
     if listen and not 0 < int(listen.rpartition(":")[2]) < 65536:
         raise ConfigError("metrics.listen", listen, "port must be 1..65535")
-    textfile = m.string("textfile_dir", "") if m.table.get("textfile_dir") is not None else ""
-    metrics = MetricsConfig(listen=listen, textfile_dir=Path(textfile) if textfile else None,
+    metrics = MetricsConfig(listen=listen, textfile_dir=m.path("textfile_dir"),
                             interval_s=m.number("interval_s", 15.0, low=1, high=3600))
 
     sv = sec["service"]

@@ -71,12 +71,14 @@ class Section:
             raise ConfigError(self.key(key), value, "must be true or false")
         return value
 
-    def path(self, key: str) -> Path | None:
+    def path(self, key: str, default: Path | None = None) -> Path | None:
         value = self._get(key)
         if value is None:
-            return None
+            return default
         if not isinstance(value, str) or not value:
             raise ConfigError(self.key(key), value, "must be a non-empty path")
+        if "\0" in value:  # no file has such a name: open() raises ValueError on it
+            raise ConfigError(self.key(key), value, "must not hold a NUL character")
         return Path(value)
 
     def hexbytes(self, key: str, size: int, default: bytes | None) -> bytes | None:

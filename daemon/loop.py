@@ -81,8 +81,9 @@ class CardLoop:
         gc.collect()
         gc.freeze()
         self.ready.set()
-        next_sweep = 0.0
-        next_checkpoint = 0.0
+        # both due at once: from the loop's start (a monotonic reading means nothing
+        # against 0; it may be small on a machine just booted)
+        next_sweep = next_checkpoint = time.monotonic()
         while not stop.is_set():
             self.heartbeat = time.monotonic()
             self._note_state()

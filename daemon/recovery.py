@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from daemon.journal import Journal
+from daemon.runclock import RunClock
 from hal.reader.base import CardLink
 from hal.sam.base import Sam
 from protocol.entry import KIND_RECOVERY, NOT_DEBITED, RECOVERED, UNCERTAIN, UNPROVEN, Draft, Entry
@@ -191,15 +192,20 @@ class Recoverer:
     def _close(self, torn: Entry, state: str, reason: str, **extra: object) -> Entry:
         return self._journal.append(_closing(torn, state, reason, **extra))
 
-    def expire(self, now_ms: int, window_s: float) -> list[Entry]:
-        """Close as uncertain every tear older than the recovery window."""
-        cutoff = now_ms - int(window_s * 1000)
+    def expire(self, window_s: float, clock: RunClock) -> list[Entry]:
+        """Close as uncertain every tear older than the recovery window, by ``clock``
+        (a wall clock set forward or back neither expires a tear early nor keeps it)."""
         expired = []
-        for torn in self._journal.pending_recoveries():
-            # the window runs from the intent: a tear written at a restart is no younger
+        pending = self._journal.pending_recoveries()
+        for torn in pending:
+            # the window runs from the intent (written before its tear): a tear written
+            # at a restart is no younger
             intent = self._journal.get(torn.ref) if torn.ref is not None else None
-            started = min(torn.created_ms, intent.created_ms if intent else torn.created_ms)
-            if started <= cutoff:
+            start = intent if intent is not None else torn
+            age = clock.age_s(start.id, start.created_ms)
+            if age >= window_s:
                 expired.append(
                     self._close(torn, UNCERTAIN, f"not recovered within {window_s:g} s"))
+        # the intents of tears still open are all whose age is asked again
+        clock.retain({torn.ref for torn in pending if torn.ref is not None})
         return expired

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import backends
 from daemon.config import Config, GateConfig
+from daemon.configfiles import check_files
 from daemon.health import HealthProbe
 from daemon.journal import Journal
 from daemon.loop import CardLoop, ReaderListener, TapListener, log_tap, on_passage
@@ -291,6 +292,7 @@ def run(config: Config) -> int:
     notifier = Notifier.from_env()
     notifier.status("opening the journal and the reader")
     try:
+        check_files(config)  # what `tapgate config check` looks at: the two agree
         gate = build(config, notifier)
     except TapgateError as err:
         notifier.status(f"failed to start: {err}")  # shown by systemctl status

@@ -23,6 +23,7 @@ from daemon.config import GateConfig
 from daemon.journal import Journal
 from daemon.outcome import Outcome, TapResult
 from daemon.recovery import Recoverer
+from daemon.runclock import RunClock
 from hal.gate.base import GateIO, Signal
 from hal.reader.base import CardLink
 from hal.sam.base import Sam
@@ -43,6 +44,10 @@ from protocol.tgp1.apdu import CardInfo
 from protocol.tgp1.crypto import Purchase
 
 log = logging.getLogger("tapgate.tap")
+
+# This run's passages are remembered (card -> monotonic time) at least this long, and as
+# long as the anti-passback window: a card is asked about on every tap.
+PASSAGES_KEPT_S = 3600.0
 
 
 def bcd(*numbers: int) -> bytes:
@@ -80,7 +85,11 @@ class DenyList:
 
 class TapProcessor:
     def __init__(self, *, gate_config: GateConfig, journal: Journal, sam: Sam, gate: GateIO,
-                 clock: Callable[[], float] = time.time, reserve_bytes: int = 0) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 reserve_bytes: int = 0) -> None:
+        """``clock``: wall time, only for what is recorded (dates sent to cards, expiry);
+        every window is measured on ``monotonic`` (:mod:`daemon.runclock`)."""
         self._cfg = gate_config
         self._reserve = reserve_bytes
         self.out_of_service = ""  # why no debit can start now ("" when in service)
@@ -88,6 +97,10 @@ class TapProcessor:
         self._sam = sam
         self._gate = gate
         self._clock = clock
+        self._time = RunClock(first_id=journal.tail_id + 1, wall=clock, monotonic=monotonic)
+        # card -> monotonic time of its latest passage in this run, oldest first: the
+        # newest passage there is of each card in it, whatever the wall clock did since
+        self._passed: dict[bytes, float] = {}
         self._recoverer = Recoverer(journal=journal, sam=sam)
         # Outcomes of journalled intents that the journal refused (disk full): written
         # before anything else, and no tap goes on until they are.
@@ -120,7 +133,7 @@ class TapProcessor:
         self._journal.checkpoint()
 
     def expire_recoveries(self) -> list[Entry]:
-        return self._recoverer.expire(int(self._clock() * 1000), self._cfg.recovery_window_s)
+        return self._recoverer.expire(self._cfg.recovery_window_s, self._time)
 
     # -- the tap -----------------------------------------------------------------------
     def handle(self, link: CardLink) -> TapResult:
@@ -228,14 +241,34 @@ class TapProcessor:
             return "card expired"
         if self._cfg.fare_for(info.card_type) is None:
             return "card type not accepted here"
-        if self._cfg.anti_passback_s > 0:
-            window_ms = self._cfg.anti_passback_s * 1000
-            # a passage a millisecond or more before the window is no reason to refuse
-            last = self._journal.last_accepted_ms(
-                info.serial, after_ms=math.floor(now * 1000 - window_ms) - 1)
-            if last is not None and now * 1000 - last < window_ms:
-                return "already passed this gate"
+        if self._cfg.anti_passback_s > 0 and self._passed_within(info.serial,
+                                                                 self._cfg.anti_passback_s):
+            return "already passed this gate"
         return ""
+
+    def _passed_within(self, serial: bytes, window_s: float) -> bool:
+        passed = self._passed.get(serial)
+        if passed is not None:
+            return self._time.since(passed) < window_s
+        # none in this run that memory keeps: the journal's, aged by the run clock (one
+        # from before this run is at least as old as the run)
+        window_ms = window_s * 1000
+        # a passage a millisecond or more before the window (by the wall clock) is no
+        # reason to refuse: no younger by the run clock either
+        last = self._journal.last_passage(
+            serial, after_ms=math.floor(self._clock() * 1000 - window_ms) - 1)
+        return last is not None and self._time.age_s(*last) < window_s
+
+    def _note_passage(self, serial: bytes) -> None:
+        now = self._time.monotonic()
+        self._passed.pop(serial, None)  # to the end: the newest
+        self._passed[serial] = now
+        kept = max(PASSAGES_KEPT_S, self._cfg.anti_passback_s)
+        while True:  # the oldest first; the one just noted always stays
+            old, at = next(iter(self._passed.items()))
+            if now - at < kept:
+                break
+            del self._passed[old]
 
     def _debit(self, link: CardLink, info: CardInfo, fare: int) -> TapResult:
         serial = info.serial
@@ -273,6 +306,7 @@ class TapProcessor:
             card_counter=init.counter, card_random=init.card_random,
             terminal_seq=purchase.terminal_seq, tx_date=purchase.date.hex(),
             tx_time=purchase.time.hex()))
+        self._time.mark(intent.id)  # should it tear: its recovery window runs from now
         # From here on, any failure is a tear: the card may have debited.
         try:
             proof = apdu.parse_debit(link.transmit(apdu.debit_for_purchase(
@@ -303,6 +337,7 @@ class TapProcessor:
             self._accept(TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after,
                                    intent.id))
             raise
+        self._time.forget(intent.id)  # completed: no window runs from it
         result = self._accept(
             TapResult(Outcome.ACCEPTED, "", serial, fare, balance_after, done.id))
         self._journal.sync()
@@ -337,6 +372,8 @@ class TapProcessor:
         return TapResult(Outcome.REFUSED, reason, serial, 0, balance, entry.id)
 
     def _accept(self, result: TapResult) -> TapResult:
+        if result.serial is not None:
+            self._note_passage(result.serial)
         self._gate.open_for_passage()
         return self._signal(result)
 

@@ -18,7 +18,10 @@ class ConfigError(TapgateError):
         self.key = key
         self.value = value
         self.why = why
-        super().__init__(f"config {key} = {value!r}: {why}")
+        # a key from the file may hold anything TOML quotes (a newline, a NUL): shown
+        # quoted then, so the message stays one line
+        shown = key if key.isprintable() else repr(key)
+        super().__init__(f"config {shown} = {value!r}: {why}")
 
 
 class HardwareUnavailable(TapgateError):

@@ -33,15 +33,28 @@ START = time.mktime((2026, 5, 4, 8, 0, 0, 0, 0, -1))
 
 
 class Clock:
-    """Wall-clock time the test moves by hand: windows are tested without sleeping."""
+    """Time the test moves by hand: windows are tested without sleeping. Calling it
+    reads the wall clock; :meth:`monotonic` the monotonic one, which :meth:`advance`
+    moves with it and :meth:`set_wall` (the clock set by NTP or by hand) does not.
+    The monotonic clock starts small, as on a machine just booted."""
 
-    def __init__(self, start: float = START) -> None:
+    def __init__(self, start: float = START, *, uptime: float = 5.0) -> None:
         self.now = float(start)
+        self.mono = float(uptime)
 
     def __call__(self) -> float:
         return self.now
 
+    def monotonic(self) -> float:
+        return self.mono
+
     def advance(self, seconds: float) -> None:
+        """Time passes (``seconds`` < 0 is the wall clock set back as time passes)."""
+        self.now += seconds
+        self.mono += max(0.0, seconds)
+
+    def set_wall(self, seconds: float) -> None:
+        """The wall clock set ``seconds`` forward (< 0: back), no time passing."""
         self.now += seconds
 
     def today(self) -> dt.date:

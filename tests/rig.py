@@ -89,7 +89,7 @@ class Rig:
 
     def _new_processor(self) -> TapProcessor:
         return TapProcessor(gate_config=self.config, journal=self.journal, sam=self.sam,
-                            gate=self.gate, clock=self.clock)
+                            gate=self.gate, clock=self.clock, monotonic=self.clock.monotonic)
 
     def card(self, serial: int | bytes, balance: int = 5000, **kw: Any) -> VirtualPurse:
         return make_card(serial, balance, clock=self.clock, **kw)

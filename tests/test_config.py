@@ -159,7 +159,7 @@ def changed(section: str, key: str, value: Any) -> dict[str, dict[str, Any]]:
     ("reader", "sim_tac_key", "00", "must be 32 hex digits, not 2"),
     ("sam", "backend", "hsm", "must be one of software"),
     ("gateio", "open_s", 0, "must be between 0.1 and 120"),
-    ("journal", "path", 5, "must be a non-empty string"),
+    ("journal", "path", 5, "must be a non-empty path"),
 ])
 def test_bad_values(section: str, key: str, value: Any, why: str) -> None:
     err = refused(changed(section, key, value))

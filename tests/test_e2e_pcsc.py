@@ -134,7 +134,8 @@ class E2EGate:
         self.sam = SoftwareSam(purchase_key=MASTER_KEY)
         self.gate = SimGateIO()
         self.processor = TapProcessor(gate_config=self.config, journal=self.journal,
-                                      sam=self.sam, gate=self.gate, clock=self.clock)
+                                      sam=self.sam, gate=self.gate, clock=self.clock,
+                                      monotonic=self.clock.monotonic)
         self.reader = TracingReader(PcscReader(name=READER, poll_s=0.1))
         self._results: queue.Queue[TapResult] = queue.Queue()
         self._stop = threading.Event()

@@ -380,7 +380,8 @@ def test_below_the_disk_reserve_no_debit_starts_and_service_resumes(
     rig = Rig(disk.path)
     try:
         rig.processor = TapProcessor(gate_config=rig.config, journal=rig.journal, sam=rig.sam,
-                                     gate=rig.gate, clock=rig.clock, reserve_bytes=256 * 1024)
+                                     gate=rig.gate, clock=rig.clock,
+                                     monotonic=rig.clock.monotonic, reserve_bytes=256 * 1024)
         card = rig.card(1, 5000)
         assert rig.tap(card).outcome is Outcome.ACCEPTED
         disk.fill()

@@ -17,7 +17,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -204,6 +204,14 @@ def headend(mosquitto: Mosquitto) -> Iterator[HeadEnd]:
     standin = HeadEnd(mosquitto)
     yield standin
     standin.close()
+
+
+def booted_just_now(uptime_s: float = 5.0) -> Callable[[], float]:
+    """A monotonic clock that reads ``uptime_s`` now and runs as time.monotonic does:
+    the machine just booted (a Pi after a power cut, a fresh CI machine), whatever this
+    one's uptime."""
+    offset = uptime_s - time.monotonic()
+    return lambda: time.monotonic() + offset
 
 
 def mqtt_config(broker: Mosquitto, **changes: Any) -> MqttConfig:

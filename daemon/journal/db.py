@@ -339,13 +339,14 @@ class JournalDb:
         # a scan of the whole journal (which holds the loop for as long)
         return self.read_entries(sql.PENDING_ALL)
 
-    def last_accepted_ms(self, serial: bytes, after_ms: int | None) -> int | None:
+    def last_passage(self, serial: bytes, after_ms: int | None) -> tuple[int, int] | None:
+        """(id, created_ms) of the card's last passage; None: none, or (given
+        ``after_ms``) maybe one at or before then."""
         passages = self._passages
         if after_ms is not None and after_ms >= passages.floor_ms:
-            known = passages.latest.get(serial)
-            return known[1] if known is not None else None
-        value = self.scalar(sql.LAST_ACCEPTED, (serial,))
-        return int(value) if value is not None else None
+            return passages.latest.get(serial)
+        found = self.read(sql.LAST_ACCEPTED, (serial,))
+        return (int(found[0][0]), int(found[0][1])) if found else None
 
     @property
     def passages_floor_ms(self) -> int:

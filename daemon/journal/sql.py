@@ -73,7 +73,7 @@ PASSAGE_KINDS = frozenset({(KIND_DEBIT, COMPLETED), (KIND_RECOVERY, RECOVERED),
 _IS_PASSAGE = "(" + " OR ".join(f"(kind = '{kind}' AND state = '{state}')"
                                 for kind, state in sorted(PASSAGE_KINDS)) + ")"
 LAST_ACCEPTED = f"""
-    SELECT created_ms FROM entry
+    SELECT id, created_ms FROM entry
     WHERE card_serial = ? AND {_IS_PASSAGE}
     ORDER BY id DESC LIMIT 1"""
 PASSAGES_FLOOR = f"""

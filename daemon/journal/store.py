@@ -129,7 +129,13 @@ class Journal:
         a last passage at or before it may be answered with None. Asked on every tap,
         this is answered from memory whenever memory reaches back that far.
         """
-        return self.db.last_accepted_ms(serial, after_ms)
+        last = self.db.last_passage(serial, after_ms)
+        return last[1] if last is not None else None
+
+    def last_passage(self, serial: bytes, *, after_ms: int | None = None
+                     ) -> tuple[int, int] | None:
+        """:meth:`last_accepted_ms` with the passage's journal id: (id, created_ms)."""
+        return self.db.last_passage(serial, after_ms)
 
     def count(self) -> int:
         return int(self.db.scalar(sql.COUNT))

@@ -97,7 +97,8 @@ class Uplink:
                  telemetry: Callable[[], dict[str, Any]] | None = None,
                  info: Callable[[], dict[str, Any]] | None = None,
                  on_command: Callable[[Incoming], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._cfg = config
         self.gate_id = gate_id
         self._link = link if link is not None else BrokerLink(config=config, gate_id=gate_id,
@@ -110,6 +111,7 @@ class Uplink:
         self._info_sent = b""
         self._info_topic = contract.info_topic(gate_id)
         self._clock = clock
+        self._mono = monotonic  # every wait and timeout here: never the wall clock
         self._tx_topic = contract.tx_topic(gate_id)
         self._ack_topic = contract.ack_topic(gate_id)
         self._status_topic = contract.status_topic(gate_id)
@@ -126,8 +128,10 @@ class Uplink:
             collections.OrderedDict())
         self._inflight: dict[str, float] = {}  # batch id -> when sent, this connection
         self._cursor = 0  # the last entry id sent on this connection
-        self._rescan_at = 0.0
-        self._rewound_at = 0.0
+        # None: due now. A monotonic clock's reading means nothing by itself (it may be
+        # small on a machine just booted): never compare it with 0.
+        self._rescan_at: float | None = None
+        self._rewound_at: float | None = None
         self._ack_wait = config.ack_timeout_s  # doubles while no ack comes at all
         self.stats = UplinkStats()
 
@@ -201,20 +205,20 @@ class Uplink:
         # whatever was in flight on the last connection is sent again from the journal
         self._inflight.clear()
         self._cursor = 0
-        self._rescan_at = 0.0
+        self._rescan_at = None
         connection.subscribe([self._ack_topic])
         if self._on_command is not None:
             connection.subscribe(list(self._command_topics))
         self._send_status(connection)
         self._info_sent = b""  # a new connection: the broker may have lost the retained copy
         self._send_info(connection)
-        next_status = time.monotonic() + self._cfg.status_interval_s
+        next_status = self._mono() + self._cfg.status_interval_s
         while not stop.is_set() and connection.up:
             self._wakeup.clear()
             if self._wakeup.take_sync_now():
-                self._rescan_at = 0.0
+                self._rescan_at = None
             self._take_acks()
-            now = time.monotonic()
+            now = self._mono()
             self._expire(now)
             self._fill(connection, now)
             if now >= next_status:
@@ -227,7 +231,8 @@ class Uplink:
         """Top the window up with the next unacknowledged entries, in id order."""
         while len(self._inflight) < self._cfg.window and connection.up:
             # the card loop's appends move tail_id; a periodic look covers other writers
-            if self._journal.tail_id <= self._cursor and now < self._rescan_at:
+            if (self._journal.tail_id <= self._cursor and self._rescan_at is not None
+                    and now < self._rescan_at):
                 return
             entries = self._journal.unacked_wire(self._cursor, self._cfg.batch_size)
             if entries is None:
@@ -248,7 +253,7 @@ class Uplink:
             log.debug("batch %s not sent: %s", batch_id, mqtt.error_string(rc))
             return False
         self._cursor = entries.ids[-1]
-        self._inflight[batch_id] = time.monotonic()
+        self._inflight[batch_id] = self._mono()
         self._sent[batch_id] = (entries.ids, entries.uuids)
         while len(self._sent) > REMEMBER_BATCHES:
             self._sent.popitem(last=False)
@@ -305,13 +310,14 @@ class Uplink:
     def _rewind_if_left_out(self, now: float) -> None:
         """Everything past the cursor is sent and nothing is in flight, yet an earlier
         entry is still pending (an ack left it out): go back for it, now and then."""
-        if self._inflight or now - self._rewound_at < self._cfg.ack_timeout_s:
+        if self._inflight or (self._rewound_at is not None
+                              and now - self._rewound_at < self._cfg.ack_timeout_s):
             return
         first = self._journal.unacked(0, 1)
         if first and first[0].id <= self._cursor:
             self._rewound_at = now
             self._cursor = first[0].id - 1
-            self._rescan_at = 0.0
+            self._rescan_at = None
             self.stats.resends += 1
 
     def _send_status(self, connection: Connection) -> None:
