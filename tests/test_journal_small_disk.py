@@ -38,7 +38,8 @@ def test_a_grown_wal_gives_its_room_back_and_the_gate_returns_to_service(
     rig = Rig(small_disk.path)
     try:
         rig.processor = TapProcessor(gate_config=rig.config, journal=rig.journal, sam=rig.sam,
-                                     gate=rig.gate, clock=rig.clock, reserve_bytes=RESERVE)
+                                     gate=rig.gate, clock=rig.clock,
+                                     monotonic=rig.clock.monotonic, reserve_bytes=RESERVE)
         card = rig.card(1, 1_000_000)
         # a reader holds a snapshot: no checkpoint between taps can finish, the WAL grows
         reader = sqlite3.connect(rig.journal_path)
